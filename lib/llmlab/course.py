@@ -1,0 +1,188 @@
+"""The course on disk: where it lives, its labs, releasing them, and running them headless.
+
+A lab is a folder `solutions/NN-topic/` of nbgrader source notebooks; `release` turns it into
+the student copy `labs/NN-topic/` with nbgrader's generate_assignment, and `run` executes a
+notebook with papermill, then checks that *every* code cell really ran — papermill itself
+reports success when a notebook stops early (e.g. `sys.exit(0)` in a cell).
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+CONFIG = Path("grading") / "nbgrader_config.py"
+
+
+class CourseError(RuntimeError):
+    """Something about the course layout, a lab name or a run is wrong; the message says what."""
+
+
+def root() -> Path:
+    """Return the course root: $LLMLAB_ROOT, else the nearest folder up from here holding grading/ and solutions/."""
+    if os.environ.get("LLMLAB_ROOT"):
+        return Path(os.environ["LLMLAB_ROOT"]).resolve()
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            if (folder / CONFIG).is_file() and (folder / "solutions").is_dir():
+                return folder
+    raise CourseError("not inside an llmlab course (no grading/nbgrader_config.py + solutions/ above here); "
+                      "cd into the course or set LLMLAB_ROOT")
+
+
+def work_dir() -> Path:
+    """Return the git-ignored work folder (runs, submissions, gradebook): $LLMLAB_WORK or ROOT/work."""
+    return Path(os.environ.get("LLMLAB_WORK", root() / "work")).resolve()
+
+
+def labs() -> list[str]:
+    """Return the lab ids (folder names under solutions/), in course order."""
+    return sorted(p.name for p in (root() / "solutions").iterdir() if p.is_dir() and any(p.glob("*.ipynb")))
+
+
+def lab_id(name: str) -> str:
+    """Resolve a lab given as '01-attention', '01', '1' or 'attention' to its folder name."""
+    all_labs = labs()
+    if name in all_labs:
+        return name
+    matches = [lab for lab in all_labs if lab.split("-", 1)[0].lstrip("0") == name.lstrip("0")
+               or lab.split("-", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    raise CourseError(f"unknown lab {name!r}; labs: {', '.join(all_labs) or '(none)'}")
+
+
+def notebooks(lab: str, where: str = "solutions") -> list[Path]:
+    """Return the notebooks of `lab` under solutions/ or labs/."""
+    return sorted((root() / where / lab_id(lab)).glob("*.ipynb"))
+
+
+def nbgrader_config(**overrides: str):
+    """Load grading/nbgrader_config.py as a traitlets Config (CourseDirectory overrides allowed)."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader(CONFIG.name, path=str(root() / CONFIG.parent)).load_config()
+    for key, value in overrides.items():
+        setattr(config.CourseDirectory, key, value)
+    return config
+
+
+def nbgrader_api(**overrides: str):
+    """Return an nbgrader API object for this course (quiet logs)."""
+    from nbgrader.apps import NbGraderAPI
+    from nbgrader.coursedir import CourseDirectory
+
+    bin_dir = str(Path(sys.executable).parent)  # nbgrader runs `alembic` from PATH; venv not activated
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    config = nbgrader_config(**overrides)
+    config.NbGraderAPI.log_level = "WARN"
+    coursedir = CourseDirectory(config=config)
+    return NbGraderAPI(coursedir=coursedir, config=config)
+
+
+def release(lab: str | None = None, into: Path | None = None) -> list[Path]:
+    """nbgrader generate_assignment: solutions/LAB -> labs/LAB (or `into`/LAB); return the notebooks written.
+
+    Also records the lab's cells (hidden tests included) in the gradebook, which grading needs.
+    """
+    work_dir().mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name in [lab_id(lab)] if lab else labs():
+        dest = (into or root() / "labs") / name
+        overrides = {"release_directory": os.path.relpath(into or root() / "labs", root())}
+        result = nbgrader_api(**overrides).generate_assignment(name, force=True)
+        if not result["success"]:
+            raise CourseError(f"release of {name} failed:\n{result.get('error') or result.get('log')}")
+        written += sorted(dest.glob("*.ipynb"))
+    return written
+
+
+def release_drift() -> list[str]:
+    """Return the labs/ notebooks that differ from a fresh release of solutions/ (empty = in sync)."""
+    with tempfile.TemporaryDirectory(dir=work_dir().parent if work_dir().parent.exists() else None) as tmp:
+        fresh = Path(tmp) / "labs"
+        release(into=fresh)
+        drift = []
+        for nb in sorted(fresh.rglob("*.ipynb")):
+            rel = nb.relative_to(fresh)
+            committed = root() / "labs" / rel
+            if not committed.is_file() or _cells(committed) != _cells(nb):
+                drift.append(str(Path("labs") / rel))
+        for nb in sorted((root() / "labs").rglob("*.ipynb")):
+            if not (fresh / nb.relative_to(root() / "labs")).is_file() and ".ipynb_checkpoints" not in nb.parts:
+                drift.append(f"{Path('labs') / nb.relative_to(root() / 'labs')} (no source in solutions/)")
+        return drift
+
+
+def _cells(path: Path) -> list[tuple]:
+    nb = nbformat.read(path, as_version=4)
+    return [(c.cell_type, c.source, c.metadata.get("nbgrader"), c.metadata.get("tags")) for c in nb.cells]
+
+
+@dataclass
+class RunResult:
+    """What `run` produced: the executed notebook and how long it took."""
+
+    notebook: Path
+    seconds: float
+
+
+class NotebookFailed(CourseError):
+    """A notebook raised, or stopped before running all its cells; the message names the cell."""
+
+
+def parse_value(text: str):
+    """Read a -p value as a Python literal (True, 3, 0.5, 'x'); anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run(path: Path, parameters: dict | None = None, out_dir: Path | None = None,
+        timeout: int = 1800, progress: bool = True) -> RunResult:
+    """Execute the notebook at `path` headless with papermill; raise NotebookFailed unless every code cell completed."""
+    import papermill as pm
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise CourseError(f"no notebook at {path}")
+    out_dir = Path(out_dir or work_dir() / "runs" / path.parent.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=parameters or {}, kernel_name="python3",
+                            cwd=str(path.parent), progress_bar=progress, execution_timeout=timeout,
+                            report_mode=False)
+    except pm.PapermillExecutionError as e:
+        check_completed(out)  # names the cell by its place in the source notebook
+        raise NotebookFailed(f"{path.name}: failed: {e.ename}: {e.evalue}") from None
+    seconds = time.perf_counter() - start
+    check_completed(out)
+    return RunResult(out, seconds)
+
+
+def check_completed(executed: Path) -> None:
+    """Raise NotebookFailed when an executed notebook has a code cell that errored or never ran."""
+    nb = nbformat.read(executed, as_version=4)
+    cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    for index, cell in enumerate(cells, start=1):  # numbered as in the source notebook
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        status = cell.metadata.get("papermill", {}).get("status")
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if errors:
+            e = errors[0]
+            raise NotebookFailed(f"{executed.name}: cell {index} failed: {e.get('ename')}: {e.get('evalue')}")
+        if status != "completed":
+            raise NotebookFailed(f"{executed.name}: cell {index} never ran (status {status!r}); "
+                                 "the notebook stopped early (sys.exit? os._exit? a dead kernel?)")
+

@@ -1,0 +1,97 @@
+"""Course layout, release sync, committed notebooks and `llmlab run` failure detection."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import nbformat
+import pytest
+from conftest import ROOT, llmlab, make_course
+
+from llmlab import course
+
+
+def _tracked_notebooks() -> list:
+    out = subprocess.run(["git", "ls-files", "*.ipynb"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    return [ROOT / p for p in out] or sorted(ROOT.glob("solutions/**/*.ipynb")) + sorted(ROOT.glob("labs/**/*.ipynb"))
+
+
+def test_every_lab_has_a_student_copy():
+    assert course.labs(), "no labs under solutions/"
+    for lab in course.labs():
+        assert course.notebooks(lab, "labs"), f"{lab} has no released copy in labs/"
+
+
+def test_committed_notebooks_carry_no_outputs():
+    notebooks = _tracked_notebooks()
+    assert notebooks
+    for path in notebooks:
+        nb = json.loads(path.read_text())
+        for i, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path}: cell {i} has outputs"
+
+
+def test_labs_are_in_sync_with_solutions():
+    assert course.release_drift() == [], "labs/ differs from a fresh release of solutions/: run `llmlab release`"
+
+
+def test_every_notebook_has_one_parameters_cell():
+    for lab in course.labs():
+        for path in course.notebooks(lab):
+            nb = nbformat.read(path, as_version=4)
+            params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+            assert len(params) == 1, f"{path}: expected one cell tagged 'parameters'"
+            for name in ("QUICK", "DEVICE", "SEED"):
+                assert f"{name} =" in params[0].source, f"{path}: parameters cell lacks {name}"
+
+
+def test_parse_value_reads_python_literals():
+    assert course.parse_value("True") is True
+    assert course.parse_value("3") == 3
+    assert course.parse_value("0.5") == 0.5
+    assert course.parse_value("'cpu'") == "cpu"
+    assert course.parse_value("cpu") == "cpu"
+
+
+def test_unknown_lab_is_a_clear_error():
+    with pytest.raises(course.CourseError, match="unknown lab"):
+        course.lab_id("99-nope")
+    proc = llmlab("run", "99-nope")
+    assert proc.returncode == 3 and "unknown lab" in proc.stderr
+
+
+@pytest.fixture
+def bad_course(tmp_path):
+    code = nbformat.v4.new_code_cell
+    make_course(tmp_path, "01-raises", [code("QUICK = False", metadata={"tags": ["parameters"]}),
+                                        code("x = 1"), code("raise ValueError('boom')"), code("y = 2")])
+    make_course(tmp_path, "02-exits", [code("QUICK = False", metadata={"tags": ["parameters"]}),
+                                       code("import sys\nsys.exit(0)"), code("print('never')")])
+    make_course(tmp_path, "03-fine", [code("QUICK = False", metadata={"tags": ["parameters"]}),
+                                      code("assert QUICK is True\nprint('ok')")])
+    return tmp_path
+
+
+def test_run_fails_and_names_the_cell_when_a_notebook_raises(bad_course):
+    proc = llmlab("run", "01", "--quick", "--no-progress", env={"LLMLAB_ROOT": str(bad_course)})
+    assert proc.returncode == 1, proc.stderr
+    assert "ValueError: boom" in proc.stderr and "cell" in proc.stderr
+
+
+def test_run_fails_when_a_notebook_stops_early(bad_course):
+    proc = llmlab("run", "02-exits", "--quick", "--no-progress", env={"LLMLAB_ROOT": str(bad_course)})
+    assert proc.returncode == 1, proc.stderr
+    assert "cell 1" in proc.stderr or "cell 2" in proc.stderr, proc.stderr
+
+
+def test_run_passes_parameters_and_succeeds(bad_course):
+    proc = llmlab("run", "fine", "--quick", "--no-progress", env={"LLMLAB_ROOT": str(bad_course)})
+    assert proc.returncode == 0, proc.stderr
+    assert "ok in" in proc.stdout
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["doctor"], ["assets"], ["release"], ["run"], ["grade"], ["course"]):
+        proc = llmlab(*cmd, "--help")
+        assert proc.returncode == 0 and "usage: llmlab" in proc.stdout, cmd

@@ -1,0 +1,142 @@
+"""The wire format and the sandbox on their own: values cross as plain data, limits hold."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from llmlab.course import root
+from llmlab.grading import protocol, sanitize
+from llmlab.grading.sandbox import Sandbox, SandboxError, isolation
+
+
+def roundtrip(value):
+    buf = io.BytesIO()
+    protocol.send(buf, {"value": None}, value)
+    buf.seek(0)
+    return protocol.recv(buf)[1]
+
+
+def test_values_cross_as_plain_data():
+    value = {"t": torch.arange(6.0).reshape(2, 3), "n": (1, 2.5, None, True, "s"), "big": 2**80,
+             "inf": math.inf, "arr": [torch.zeros(1, dtype=torch.bool)]}
+    back = roundtrip(value)
+    assert torch.equal(back["t"], value["t"]) and back["n"] == value["n"] and back["big"] == 2**80
+    assert back["inf"] == math.inf and back["arr"][0].dtype == torch.bool
+
+
+def test_tensor_subclasses_arrive_as_plain_tensors():
+    class Liar(torch.Tensor):
+        def __eq__(self, other):
+            return True
+
+    back = roundtrip(torch.ones(2).as_subclass(Liar))
+    assert type(back) is torch.Tensor
+
+
+def test_objects_that_are_not_plain_data_are_refused():
+    class Sneaky:
+        def __eq__(self, other):
+            return True
+
+    with pytest.raises(protocol.ProtocolError, match="cannot be graded"):
+        roundtrip(Sneaky())
+
+
+def test_answers_come_only_from_solution_cells_by_grade_id(tmp_path):
+    import nbformat
+
+    meta = {"nbgrader": {"grade": False, "grade_id": "ex", "locked": False, "schema_version": 3, "solution": True, "task": False}}
+    test_meta = {"nbgrader": {"grade": True, "grade_id": "test-ex", "locked": True, "points": 1, "schema_version": 3,
+                              "solution": False, "task": False}}
+    template = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("def f():\n    raise NotImplementedError()", metadata=meta),
+                                               nbformat.v4.new_code_cell("assert f() == 1", metadata=test_meta)])
+    student = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("def f():\n    return 1", metadata={**meta, "tags": ["raises-exception"]}),
+        nbformat.v4.new_code_cell("pass", metadata={**test_meta, "tags": ["skip-execution"]}),
+        nbformat.v4.new_code_cell("import builtins  # added cell")])
+    path = tmp_path / "s.ipynb"
+    nbformat.write(student, path)
+    answers, notes = sanitize.answers(path, template)
+    assert answers == {"ex": "def f():\n    return 1"} and not notes
+    spec, trusted = sanitize.build(template, answers, sanitize.policy(root(), template), tmp_path / "spec.json", {"QUICK": True})
+    assert [c["source"] for c in spec["cells"]] == ["def f():\n    return 1"]  # no test, no added cell
+    assert trusted.cells[2].source == "assert f() == 1" and "tags" not in trusted.cells[2].metadata
+
+
+def test_static_check_names_forbidden_calls():
+    forbidden = ["torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention", "llmlab.attention"]
+    assert "scaled_dot_product_attention" in sanitize.violation("def f(q, k, v):\n    return F.scaled_dot_product_attention(q, k, v)", forbidden)
+    assert "llmlab.attention" in sanitize.violation("from llmlab.attention import causal_mask", forbidden)
+    assert "MultiheadAttention" in sanitize.violation("m = torch.nn.MultiheadAttention(8, 2)", forbidden)
+    assert sanitize.violation("def scaled_dot_product_attention(q, k, v):\n    return q @ k.T @ v", forbidden) is None
+
+
+LIMITS = dict(memory_mb=2048, fsize_mb=8, cpu_s=300, nproc=128, output_bytes=4096, cell_s=8, call_s=8,
+              total_s=120, threads=1, max_restarts=4)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    cells = [
+        {"id": "setup", "label": "cell 1", "source": "import os, socket, torch\nimport torch.nn.functional as F", "exports": []},
+        {"id": "ok", "label": "cell 2", "source": "def double(x):\n    print('x' * 100000)\n    return 2 * x", "exports": ["double"]},
+        {"id": "hang", "label": "cell 3", "source": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass", "exports": []},
+        {"id": "bad", "label": "cell 4", "source": (
+            "def cheat(q, k, v):\n    return F.scaled_dot_product_attention(q, k, v)\n"
+            "def die():\n    os._exit(0)\n"
+            "def hog():\n    return bytearray(10**11)\n"
+            "def net():\n    try:\n        socket.create_connection(('1.1.1.1', 80), timeout=2)\n        return 'connected'\n"
+            "    except OSError as e:\n        return 'blocked'\n"
+            "def look(path):\n    return os.path.exists(path)\n"
+            "def write():\n    open('/tmp/x', 'w').write('hi')\n    return open('/tmp/x').read()\n"), "exports": ["cheat", "die", "hog", "net", "look", "write"]},
+    ]
+    sb = Sandbox({"cells": cells, "limits": LIMITS, "forbidden": ["torch.nn.functional.scaled_dot_product_attention"]})
+    sb.start()
+    ns: dict = {}
+    for c in cells:
+        sb.bind(ns, c["id"])
+    yield sb, ns
+    sb.close()
+
+
+def test_a_cell_past_its_deadline_is_blamed_and_the_rest_still_runs(sandbox):
+    sb, ns = sandbox
+    assert sb.failures == {"hang": f"time limit ({LIMITS['cell_s']} s) exceeded"}
+    assert torch.equal(ns["double"](torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_output_is_capped(sandbox, capsys):
+    sb, ns = sandbox
+    ns["double"](1)
+    assert len(capsys.readouterr().out) < LIMITS["output_bytes"] + 200
+
+
+def test_forbidden_function_trips_at_run_time(sandbox):
+    _, ns = sandbox
+    with pytest.raises(AssertionError, match="implement it yourself"):
+        ns["cheat"](torch.ones(1, 2, 4), torch.ones(1, 2, 4), torch.ones(1, 2, 4))
+
+
+def test_memory_limit_is_reported_as_such(sandbox):
+    _, ns = sandbox
+    with pytest.raises(MemoryError, match="out of memory"):
+        ns["hog"]()
+
+
+def test_early_exit_costs_the_call_not_the_sandbox(sandbox):
+    _, ns = sandbox
+    with pytest.raises(SandboxError, match="exited early"):
+        ns["die"]()
+    assert ns["double"](3) == 6  # restarted, the rest still works
+
+
+@pytest.mark.skipif(isolation() != "bubblewrap", reason="network and filesystem isolation need bubblewrap")
+def test_no_network_and_no_view_of_the_course(sandbox):
+    _, ns = sandbox
+    assert ns["net"]() == "blocked"
+    assert ns["look"](str(root() / "grading")) is False
+    assert ns["look"](str(root() / "solutions")) is False
+    assert ns["write"]() == "hi"
