@@ -114,7 +114,7 @@ def attention_explorer(sentences: list[list[str]], attentions, sentence: int = 0
     # The static companion: every head of the chosen layer for the chosen sentence. It shows
     # in a live notebook too, and it is what a headless run (papermill, CI) keeps as an image.
     weights = np.stack([matrix(sentence, layer, h) for h in range(n_heads)])
-    fig = plot_heads(weights, sentences[sentence], title=f"all heads of layer {layer}")
+    plot_heads(weights, sentences[sentence], title=f"all heads of layer {layer}")
     plt.show()
     return box
 
@@ -124,8 +124,14 @@ def attention_explorer(sentences: list[list[str]], attentions, sentence: int = 0
 
 
 def plot_scaling(lengths: Sequence[int], seconds: Sequence[float], bytes_: Sequence[float],
-                 predicted_bytes: Sequence[float] | None = None, title: str | None = None) -> Figure:
-    """Two log-log panels, time and peak memory vs sequence length, each with an n^2 guide."""
+                 predicted_bytes: Sequence[float] | None = None,
+                 compare: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                 title: str | None = None) -> Figure:
+    """Two log-log panels, time and peak memory vs sequence length, each with a T^2 guide.
+
+    predicted_bytes: a computed memory curve drawn on the memory panel (e.g. one score matrix).
+    compare: {label: (seconds, bytes_)} further implementations measured at the same lengths.
+    """
     n = np.asarray(lengths, dtype=float)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     panels = ((ax_t, np.asarray(seconds, dtype=float), "time (s)", "measured time"),
@@ -139,6 +145,9 @@ def plot_scaling(lengths: Sequence[int], seconds: Sequence[float], bytes_: Seque
         ax.grid(True, which="both", alpha=0.3)
     if predicted_bytes is not None:
         ax_m.loglog(n, np.asarray(predicted_bytes, dtype=float) / 2**20, "s:", label="one score matrix")
+    for label, (secs, nbytes) in (compare or {}).items():
+        ax_t.loglog(n, np.asarray(secs, dtype=float), "^-", label=label)
+        ax_m.loglog(n, np.maximum(np.asarray(nbytes, dtype=float), 1.0) / 2**20, "^-", label=label)
     for ax in (ax_t, ax_m):
         ax.legend(fontsize=8)
     ax_t.set_title("time")
