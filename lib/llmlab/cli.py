@@ -123,7 +123,15 @@ def cmd_grade(args: argparse.Namespace) -> int:
     from llmlab.grading import pipeline
 
     lab = course.lab_id(args.lab)
-    results = pipeline.grade(lab, args.submissions, workers=args.workers, force=args.force, progress=not args.no_progress)
+    try:
+        index, count = (int(x) for x in args.shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        _die(f"--shard must be INDEX/COUNT with 0 <= INDEX < COUNT, got {args.shard!r}", 2)
+    if args.workers < 1:
+        _die("--workers must be at least 1", 2)
+    results = pipeline.grade(lab, args.submissions, workers=args.workers, force=args.force,
+                             progress=not args.no_progress, shard=(index, count))
     grades, export = pipeline.write_reports(lab, results)
     print(pipeline.summary(lab, results))
     print(f"\ngrades: {grades}\ngradebook export: {export}\nfeedback: {course.work_dir() / 'feedback'}")
@@ -199,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("submissions", type=Path, help="folder of SUBMISSIONS/<student>/<notebook>.ipynb")
     p.add_argument("--workers", type=int, default=1, help="submissions graded at once (default 1)")
     p.add_argument("--force", action="store_true", help="grade again even where a result exists")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="grade only the I-th of N slices of the students (one Kubernetes Job pod each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_grade)
 

@@ -69,15 +69,16 @@ def plot_heads(weights, tokens: Sequence[str], title: str | None = None, cols: i
     return fig
 
 
-def attention_explorer(sentences: list[list[str]], attentions, sentence: int = 0, layer: int = 0):
+def attention_explorer(sentences: list[list[str]], attentions, sentence: int = 0, layer: int = 0) -> None:
     """Browse a model's attention: pick a sentence, a layer and a head; the heatmap redraws.
+
+    Below the controls it also draws every head of `layer` for `sentence` as a static grid.
 
     Args:
         sentences: tokens of each sentence (padding removed or not; rows/columns follow them).
         attentions: attentions[s] = tuple over layers of (1, H, T, T) tensors, as Hugging Face
             models return with output_attentions=True.
-    Returns:
-        the widget box (already displayed), so a notebook may keep a handle on it.
+        sentence, layer: what to show first.
     """
     import ipywidgets as widgets
     from IPython.display import display
@@ -116,7 +117,6 @@ def attention_explorer(sentences: list[list[str]], attentions, sentence: int = 0
     weights = np.stack([matrix(sentence, layer, h) for h in range(n_heads)])
     plot_heads(weights, sentences[sentence], title=f"all heads of layer {layer}")
     plt.show()
-    return box
 
 
 # ----------------------------------------------------------------------------------------

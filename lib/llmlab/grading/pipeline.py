@@ -47,6 +47,7 @@ class Result:
     manual_pending: list[str] = field(default_factory=list)  # written answers waiting for the instructor
     notes: list[str] = field(default_factory=list)  # what the student should know (limits hit, ignored cells)
     error: str | None = None  # grading itself could not finish
+    started: float = 0.0  # wall-clock time grading began (time.time())
     seconds: float = 0.0
     key: str = ""
 
@@ -96,7 +97,7 @@ def grade_one(lab: str, student: str, files: dict[str, Path], workers: int = 1) 
     """Grade one student's submission of `lab` (runs in its own process; see `grade`)."""
     start = time.perf_counter()
     root, work = course.root(), course.work_dir()
-    result = Result(student, key=_key(files, lab))
+    result = Result(student, key=_key(files, lab), started=time.time())
     api = course.nbgrader_api()
     submitted = work / "submitted" / student / lab
     private = work / "grading" / lab / student
@@ -178,12 +179,15 @@ def _read_grades(lab: str, student: str, result: Result) -> None:
                     result.failing.append(grade.name)
 
 
-def grade(lab: str, submissions: Path, workers: int = 1, force: bool = False, progress: bool = True) -> list[Result]:
-    """Grade every submission of `lab` under `submissions`; resume from earlier results unless `force`."""
+def grade(lab: str, submissions: Path, workers: int = 1, force: bool = False, progress: bool = True,
+          shard: tuple[int, int] = (0, 1)) -> list[Result]:
+    """Grade every submission of `lab` under `submissions` (or shard i of n); resume unless `force`."""
     lab = course.lab_id(lab)
     found = discover(lab, submissions)
     if not found:
         raise course.CourseError(f"no submissions in {submissions} (expected SUBMISSIONS/<student>/<notebook>.ipynb)")
+    index, count = shard
+    found = {s: f for i, (s, f) in enumerate(sorted(found.items())) if i % count == index}
     _ensure_gradebook(lab)
     out = results_dir(lab)
     todo, results = [], {}
@@ -225,7 +229,8 @@ def _grade_in_child(lab: str, student: str, submissions: Path, workers: int, lim
     cmd = [sys.executable, "-m", "llmlab.grading.pipeline", lab, student, str(submissions), str(workers)]
     env = {**os.environ, "LLMLAB_ROOT": str(course.root()), "LLMLAB_WORK": str(course.work_dir())}
     for attempt in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
         try:
             log, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -242,6 +247,16 @@ def _grade_in_child(lab: str, student: str, submissions: Path, workers: int, lim
             break
         time.sleep(1 + attempt)
     return Result(student, error=f"grading crashed: {_last_line(text)}")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this child when the grading run that started it dies (kill -9 included)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def write_reports(lab: str, results: list[Result]) -> tuple[Path, Path]:
