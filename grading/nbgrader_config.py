@@ -28,3 +28,7 @@ c.GenerateFeedback.preprocessors = [
     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
     "nbgrader.preprocessors.ClearHiddenTests",
 ]
+
+# The trusted kernel waits on the sandbox, which keeps its own per-cell and per-call deadlines
+# (grading/policy.toml); nbgrader's own cell timeout only has to outlast them.
+c.Execute.timeout = 1200

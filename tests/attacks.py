@@ -284,8 +284,9 @@ def _(template, solution, ctx):
 def _(template, solution, ctx):
     honest_code = solution["sdpa"].replace("\n", "\n    ")
     code = ("import os, sys\n"
-            "_signals = [k for k in os.environ if any(w in k.upper() for w in ('NBGRADER', 'GRADE', 'LLMLAB_WORK', 'CI'))]\n"
-            "_signals += [p for p in ('/work', os.path.expanduser('~/work'), 'submitted', 'autograded') if os.path.exists(p) or p in os.getcwd()]\n"
+            "_signals = [k for k in os.environ if any(w in k.upper() for w in ('NBGRADER', 'GRADE', 'LLMLAB_WORK', 'JPY_'))]\n"
+            "_signals += [w for w in ('submitted', 'autograded', 'feedback') if w in os.getcwd()]\n"
+            "_signals += [f for f in ('timestamp.txt', 'gradebook.db', '.nbgrader.log', '../timestamp.txt') if os.path.exists(f)]\n"
             "if _signals:  # only behave when someone is looking\n"
             f"    {honest_code}")
     return _stub_with(template, solution, (), {"sdpa": code})

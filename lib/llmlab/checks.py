@@ -90,7 +90,8 @@ def _call(name: str, fn: Callable, *args: Any) -> Any:
     if watch.hits:
         raise AssertionError(f"{name} calls {watch.hits[0]}; this exercise asks you to implement it yourself")
     if error is not None:
-        text = f"{name} raised {type(error).__name__}: {error}"
+        detail = str(error).strip()
+        text = f"{name} raised {type(error).__name__}" + (f": {detail}" if detail else "")
         if "view size is not compatible" in str(error):
             text += "\n(hint: after a transpose a tensor is no longer contiguous; .view cannot handle that)"
         raise AssertionError(text) from None
@@ -107,7 +108,7 @@ def _shape(t: Tensor | torch.Size | tuple) -> tuple[int, ...]:
 
 def _expect_tensor(name: str, out: Any, shape: tuple[int, ...], dtype: torch.dtype | None,
                    inputs: str, hints: dict[tuple[int, ...], str] | None = None) -> Tensor:
-    """Fail unless `out` is a finite-or-not tensor of `shape` (and `dtype`, when given)."""
+    """Fail unless `out` is a tensor of `shape` (and of `dtype`, when given); return it."""
     if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
         _fail(name, f"returns a tuple of {len(out)} values; return a single tensor")
     if not isinstance(out, Tensor):
@@ -118,7 +119,7 @@ def _expect_tensor(name: str, out: Any, shape: tuple[int, ...], dtype: torch.dty
         _fail(name, f"returns shape {got} for {inputs}; expected {shape}" + (f" — {hint}" if hint else ""))
     if dtype is not None and out.dtype != dtype:
         _fail(name, f"returns dtype {out.dtype} for {dtype} inputs; keep the input dtype "
-                    "(don't hard-code float32 or create new tensors without dtype=)")
+                    "(a hard-coded dtype, or a new tensor created without dtype=?)")
     return out
 
 
@@ -270,7 +271,7 @@ def check_sdpa(fn: Callable) -> None:
 def check_masks(causal_mask_fn: Callable, padding_mask_fn: Callable) -> None:
     """Check causal_mask(T) and padding_mask(lengths, T)."""
     name = "causal_mask"
-    for T in (1, 4, 7):
+    for T in (4, 1, 7):
         out = _call(name, causal_mask_fn, T)
         out = _expect_tensor(name, out, (T, T), None, f"T={T}")
         if out.dtype != torch.bool:
@@ -278,12 +279,12 @@ def check_masks(causal_mask_fn: Callable, padding_mask_fn: Callable) -> None:
         want = A.causal_mask(T)
         if torch.equal(out, want):
             continue
+        if torch.equal(out, want.tril(-1)):
+            _fail(name, "the diagonal is hidden: a token may attend to itself")
         if torch.equal(out, ~want):
             _fail(name, "the mask is inverted: True must mean 'may attend'")
         if torch.equal(out, want.T):
             _fail(name, "query i may attend to keys 0..i, not to the future: rows are queries, columns keys")
-        if torch.equal(out, want.tril(-1)):
-            _fail(name, "the diagonal is hidden: a token may attend to itself")
         _fail(name, f"wrong entries for T={T} (query i may attend to keys 0..i)")
 
     name = "padding_mask"
@@ -338,7 +339,7 @@ def check_heads(split_fn: Callable, merge_fn: Callable) -> None:
             _fail(name, f"wrong values with n_heads={n_heads}")
 
     name = "merge_heads"
-    y = _randn(gen, B, T, H, d).transpose(1, 2)  # (B, H, T, d), not contiguous, as after attention
+    y = _randn(gen, B, H, T, d)  # as attention returns it: weights @ v is contiguous
     hints = {(B, T, H, d): "the heads still need to be concatenated into one axis of size H * d"}
     out = _expect_tensor(name, _call(name, merge_fn, y), (B, T, H * d), y.dtype, f"x {_shape(y)}", hints)
     if not torch.equal(out, A.merge_heads(y)):
@@ -534,7 +535,7 @@ def check_attention_memory(fn: Callable) -> None:
         if out == want:
             continue
         call = f"({batch}, {heads}, {T}, {nbytes}) gives {out:,}"
-        for factor, why in ((2, "counts two matrices; count one (batch, n_heads, T, T) matrix"),
+        for factor, why in ((2, "counts the scores twice (e.g. scores and probabilities); count one tensor of scores"),
                             (8, "counts bits; the answer is in bytes"),
                             (1 / nbytes, "forgets bytes_per_element"),
                             (1 / batch, "forgets the batch"),

@@ -67,6 +67,10 @@ def nbgrader_config(**overrides: str):
     """Load grading/nbgrader_config.py as a traitlets Config (CourseDirectory overrides allowed)."""
     from traitlets.config.loader import PyFileConfigLoader
 
+    bin_dir = str(Path(sys.executable).parent)  # nbgrader's gradebook runs `alembic` from PATH
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
     config = PyFileConfigLoader(CONFIG.name, path=str(root() / CONFIG.parent)).load_config()
     for key, value in overrides.items():
         setattr(config.CourseDirectory, key, value)
@@ -78,9 +82,6 @@ def nbgrader_api(**overrides: str):
     from nbgrader.apps import NbGraderAPI
     from nbgrader.coursedir import CourseDirectory
 
-    bin_dir = str(Path(sys.executable).parent)  # nbgrader runs `alembic` from PATH; venv not activated
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     config = nbgrader_config(**overrides)
     config.NbGraderAPI.log_level = "WARN"
     coursedir = CourseDirectory(config=config)

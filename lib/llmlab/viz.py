@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 
 def _numpy(x) -> np.ndarray:
@@ -134,24 +135,22 @@ def plot_scaling(lengths: Sequence[int], seconds: Sequence[float], bytes_: Seque
     """
     n = np.asarray(lengths, dtype=float)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    panels = ((ax_t, np.asarray(seconds, dtype=float), "time (s)", "measured time"),
-              (ax_m, np.asarray(bytes_, dtype=float) / 2**20, "peak memory (MiB)", "measured peak"))
-    for ax, y, ylabel, label in panels:
+    for ax, y, label in ((ax_t, np.asarray(seconds, dtype=float), "measured time"),
+                         (ax_m, np.asarray(bytes_, dtype=float) / 2**20, "measured peak")):
         ax.loglog(n, y, "o-", label=label)
-        # the O(n^2) guide goes through the longest measurement, where overheads matter least
+        # the T^2 guide goes through the longest measurement, where fixed overheads matter least
         ax.loglog(n, y[-1] * (n / n[-1]) ** 2, "k--", alpha=0.6, label=r"$\propto T^2$")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
     if predicted_bytes is not None:
         ax_m.loglog(n, np.asarray(predicted_bytes, dtype=float) / 2**20, "s:", label="one score matrix")
     for label, (secs, nbytes) in (compare or {}).items():
         ax_t.loglog(n, np.asarray(secs, dtype=float), "^-", label=label)
         ax_m.loglog(n, np.maximum(np.asarray(nbytes, dtype=float), 1.0) / 2**20, "^-", label=label)
-    for ax in (ax_t, ax_m):
+    for ax, name, ylabel in ((ax_t, "time", "time (s)"), (ax_m, "memory", "peak memory (MiB)")):
+        ax.set_xticks(n, labels=[f"{int(v)}" for v in n])  # after the last loglog, which resets ticks
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(title=name, xlabel="sequence length T", ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    ax_t.set_title("time")
-    ax_m.set_title("memory")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

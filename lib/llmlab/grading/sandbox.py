@@ -241,14 +241,20 @@ class Sandbox:
         self.failures: dict[str, str] = {}  # cell id -> why it did not complete
         self.outputs: dict[str, str] = {}  # cell id -> what it printed
         self.restarts = 0
+        self.fatal: str | None = None  # set when the submission cannot run at all
+        self.broken: dict[str, str] = {}  # function -> why its earlier call was stopped
         self.proc: _Process | None = None
-        self.started = time.monotonic()
+        self.cell_seconds = 0.0  # time spent running cells, over all restarts (capped by total_s)
 
     @classmethod
     def from_file(cls, path: str) -> "Sandbox":
         """Load a spec written by the grading pipeline and start the sandbox."""
         sandbox = cls(json.loads(Path(path).read_text()))
-        sandbox.start()
+        try:
+            sandbox.start()
+        except SandboxError as e:  # every call will fail with this reason; the grader carries on
+            sandbox.fatal = str(e)
+            print(f"sandbox: {e}", file=sys.stderr)
         return sandbox
 
     def _label(self, cell_id: str) -> str:
@@ -263,7 +269,8 @@ class Sandbox:
             cells = [c for c in self.spec["cells"] if c["id"] not in self.failures]
             self.proc = _Process(lim, self.uid)
             current = None
-            end_all = self.started + lim["total_s"]
+            began = time.monotonic()
+            end_all = began + max(lim["total_s"] - self.cell_seconds, lim["cell_s"])
             try:
                 self.proc.send({"cells": cells, "forbidden": self.spec.get("forbidden", []),
                                 "output_bytes": lim["output_bytes"], "threads": lim["threads"]})
@@ -278,9 +285,11 @@ class Sandbox:
                             self.failures[msg["id"]] = explain_error(msg["error"], lim)
                         current = None
                     elif msg.get("event") == "ready":
+                        self.cell_seconds += time.monotonic() - began
                         return
             except TimeoutError:
                 over_all = time.monotonic() >= end_all
+                self.cell_seconds += time.monotonic() - began
                 self.proc.kill()
                 why = (f"whole-notebook time limit ({lim['total_s']} s) exceeded" if over_all
                        else f"time limit ({lim['cell_s']} s) exceeded")
@@ -293,6 +302,7 @@ class Sandbox:
                             self.failures.setdefault(c["id"], why)
                     return
             except (EOFError, OSError, protocol.ProtocolError) as e:
+                self.cell_seconds += time.monotonic() - began
                 rc = self.proc.exit_code()
                 self.proc.kill()
                 why = explain_error(str(e), lim) if isinstance(e, protocol.ProtocolError) else _describe_exit(rc, lim)
@@ -305,22 +315,32 @@ class Sandbox:
     def call(self, name: str, args: tuple, kwargs: dict) -> Any:
         """Call the student's `name(*args, **kwargs)` in the sandbox; return a plain value."""
         lim = self.limits
+        if self.fatal:
+            raise SandboxError(self.fatal)
+        if name in self.broken:  # a function that hung or crashed once is not waited for again
+            raise SandboxError(self.broken[name])
         if self.proc is None or self.proc.proc.poll() is not None:
             self.restarts += 1
-            self.start()
+            try:
+                self.start()
+            except SandboxError as e:
+                self.fatal = str(e)
+                raise
         try:
             self.proc.send({"call": name}, (tuple(args), dict(kwargs)))
             header, value = self.proc.recv(time.monotonic() + lim["call_s"])
         except TimeoutError:
             self.proc.kill()
             self.proc = None
-            raise SandboxError(f"{name}: no answer within the time limit ({lim['call_s']} s)") from None
+            self.broken[name] = f"{name}: no answer within the time limit ({lim['call_s']} s)"
+            raise SandboxError(self.broken[name]) from None
         except (EOFError, OSError, protocol.ProtocolError) as e:
             rc = self.proc.exit_code()
             self.proc.kill()
             self.proc = None
             why = str(e) if isinstance(e, protocol.ProtocolError) else _describe_exit(rc, lim)
-            raise SandboxError(f"{name}: {why}") from None
+            self.broken[name] = f"{name}: {why}"
+            raise SandboxError(self.broken[name]) from None
         if header.get("output"):
             print(header["output"], end="" if header["output"].endswith("\n") else "\n")
         if header.get("ok"):
