@@ -39,7 +39,7 @@ test: $(STAMP) system
 ## lab: JupyterLab on the course (student view in labs/).
 lab: $(STAMP)
 	$(BIN)/llmlab assets fetch
-	$(BIN)/jupyter lab --notebook-dir=. labs
+	$(BIN)/jupyter lab --ServerApp.root_dir=labs
 
 release: $(STAMP)
 	$(BIN)/llmlab release

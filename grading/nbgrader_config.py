@@ -9,6 +9,7 @@ root = Path(__file__).resolve().parent.parent
 work = Path(os.environ.get("LLMLAB_WORK", root / "work")).resolve()
 
 c.CourseDirectory.root = str(root)
+c.CourseDirectory.course_id = "llmlab"  # named, so PostgreSQL's foreign keys find the course row
 c.CourseDirectory.source_directory = "solutions"  # instructor notebooks, with solutions and hidden tests
 c.CourseDirectory.release_directory = "labs"  # student copies, generated and committed
 c.CourseDirectory.submitted_directory = os.path.relpath(work / "submitted", root)

@@ -8,7 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -23,18 +24,17 @@ def _pg_bin(name: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory):
+def postgres_url():
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg2 is not installed")
-    data = tmp_path_factory.mktemp("pg")
+        pytest.skip("psycopg (PostgreSQL driver) is not installed")
+    data = Path(tempfile.mkdtemp(prefix="llmlab-pg-"))  # outside pytest's private (0700) temp tree
     as_user: list[str] = []
     if os.getuid() == 0:  # PostgreSQL refuses to run as root: use an unprivileged uid
-        os.chmod(data.parent, 0o755)
         shutil.chown(data, "nobody", "nogroup")
         as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     with socket.socket() as s:
@@ -51,6 +51,7 @@ def postgres_url(tmp_path_factory):
         pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-200:]}")
     yield f"postgresql://grader@127.0.0.1:{port}/postgres"
     subprocess.run([*as_user, pg_ctl, "-D", str(db), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def test_grading_with_a_postgresql_gradebook(postgres_url, tmp_path):
@@ -61,9 +62,9 @@ def test_grading_with_a_postgresql_gradebook(postgres_url, tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (tmp_path / "work" / "gradebook.db").exists(), "grades went to SQLite, not PostgreSQL"
-    import psycopg2
+    import psycopg
 
-    with psycopg2.connect(postgres_url) as conn, conn.cursor() as cur:
+    with psycopg.connect(postgres_url) as conn, conn.cursor() as cur:
         cur.execute("select s.student_id, sum(coalesce(g.manual_score, g.auto_score)) from grade g "
                     "join submitted_notebook n on g.notebook_id = n.id join submitted_assignment s on n.assignment_id = s.id "
                     "group by s.student_id")

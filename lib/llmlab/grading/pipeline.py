@@ -93,6 +93,14 @@ def results_dir(lab: str) -> Path:
     return course.work_dir() / "results" / lab
 
 
+def _gradebook():
+    """Open the course gradebook (SQLite by default, any SQLAlchemy URL via LLMLAB_GRADEBOOK)."""
+    from nbgrader.api import Gradebook
+
+    cd = course.nbgrader_config().CourseDirectory
+    return Gradebook(cd.db_url, cd.course_id)
+
+
 def grade_one(lab: str, student: str, files: dict[str, Path], workers: int = 1) -> Result:
     """Grade one student's submission of `lab` (runs in its own process; see `grade`)."""
     start = time.perf_counter()
@@ -162,9 +170,8 @@ def _sandbox_notes(nb) -> list[str]:
 
 
 def _read_grades(lab: str, student: str, result: Result) -> None:
-    from nbgrader.api import Gradebook
 
-    with Gradebook(course.nbgrader_config().CourseDirectory.db_url) as gb:
+    with _gradebook() as gb:
         submission = gb.find_submission(lab, student)
         for notebook in submission.notebooks:
             for grade in notebook.grades:
@@ -210,12 +217,12 @@ def grade(lab: str, submissions: Path, workers: int = 1, force: bool = False, pr
 
 def _ensure_gradebook(lab: str) -> None:
     """Make sure the gradebook knows the lab's cells (hidden tests included): release it to a scratch folder if not."""
-    from nbgrader.api import Gradebook, MissingEntry
+    from nbgrader.api import MissingEntry
 
     work = course.work_dir()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        with Gradebook(course.nbgrader_config().CourseDirectory.db_url) as gb:
+        with _gradebook() as gb:
             gb.find_assignment(lab)
         return
     except MissingEntry:
@@ -261,7 +268,6 @@ def _die_with_parent() -> None:
 
 def write_reports(lab: str, results: list[Result]) -> tuple[Path, Path]:
     """Write the lab's grades CSV and nbgrader's whole-gradebook export; return both paths."""
-    from nbgrader.api import Gradebook
     from nbgrader.plugins import CsvExportPlugin
 
     reports = course.work_dir() / "reports"
@@ -273,7 +279,7 @@ def write_reports(lab: str, results: list[Result]) -> tuple[Path, Path]:
     grades = reports / f"{lab}-grades.csv"
     _write_atomic(grades, buf.getvalue())
     export = reports / "gradebook.csv"
-    with Gradebook(course.nbgrader_config().CourseDirectory.db_url) as gb:
+    with _gradebook() as gb:
         CsvExportPlugin(to=str(export.with_suffix(".tmp"))).export(gb)
     os.replace(export.with_suffix(".tmp"), export)
     return grades, export
