@@ -163,7 +163,7 @@ def _sandbox_notes(nb) -> list[str]:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
-                notes += [line for line in out.get("text", "").splitlines() if re.match(r"^cell \d+: ", line)]
+                notes += [line for line in out.get("text", "").splitlines() if re.match(r"^(cell \d+|sandbox): ", line)]
             if out.get("output_type") == "error" and out.get("ename") in ("SandboxError",):
                 notes.append(out.get("evalue", ""))
     return notes

@@ -125,7 +125,9 @@ class _Process:
                    "--die-with-parent", "--new-session", "--hostname", "jupyter"]
             if not root:
                 cmd.append("--unshare-user")
-            made: set[str] = set()
+            # /proc, /dev and a private /tmp first: binds below may live under /tmp (a checkout there)
+            cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+            made: set[str] = {"/tmp", "/proc", "/dev"}
             for path in _readable_roots():
                 for parent in reversed(Path(path).parents):
                     p = str(parent)
@@ -133,8 +135,7 @@ class _Process:
                         made.add(p)
                         cmd += ["--perms", "0755", "--dir", p]
                 cmd += ["--ro-bind", path, path]
-            cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
-                    "--chdir", "/tmp"]
+            cmd += ["--chdir", "/tmp"]
             cmd += drop + python
         else:  # fallback: limits and a private scratch folder, but no namespaces (grading/README.md)
             cmd = python
