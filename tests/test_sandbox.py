@@ -140,3 +140,23 @@ def test_no_network_and_no_view_of_the_course(sandbox):
     assert ns["look"](str(root() / "grading")) is False
     assert ns["look"](str(root() / "solutions")) is False
     assert ns["write"]() == "hi"
+
+
+def test_process_fallback_keeps_limits_and_verdicts(monkeypatch):
+    monkeypatch.setenv("LLMLAB_SANDBOX", "process")
+    assert isolation() == "process"
+    cells = [{"id": "a", "label": "cell 1", "exports": ["f", "hog", "bye"], "source":
+              "import os\ndef f(x):\n    return x + 1\ndef hog():\n    return bytearray(10**11)\ndef bye():\n    os._exit(3)"}]
+    sb = Sandbox({"cells": cells, "limits": LIMITS, "forbidden": []})
+    sb.start()
+    ns: dict = {}
+    sb.bind(ns, "a")
+    try:
+        assert ns["f"](torch.ones(1)).item() == 2.0
+        with pytest.raises(MemoryError):
+            ns["hog"]()
+        with pytest.raises(SandboxError, match="exit code 3"):
+            ns["bye"]()
+        assert ns["f"](1) == 2
+    finally:
+        sb.close()

@@ -77,12 +77,15 @@ def nbgrader_config(**overrides: str):
     return config
 
 
-def nbgrader_api(**overrides: str):
-    """Return an nbgrader API object for this course (quiet logs)."""
+def nbgrader_api(reveal_hidden_tests: bool = False, **overrides: str):
+    """Return an nbgrader API object for this course (quiet logs); feedback hides hidden tests unless told."""
     from nbgrader.apps import NbGraderAPI
     from nbgrader.coursedir import CourseDirectory
 
     config = nbgrader_config(**overrides)
+    if reveal_hidden_tests:
+        config.GenerateFeedback.preprocessors = [
+            p for p in config.GenerateFeedback.preprocessors if not p.endswith("ClearHiddenTests")]
     config.NbGraderAPI.log_level = "WARN"
     coursedir = CourseDirectory(config=config)
     return NbGraderAPI(coursedir=coursedir, config=config)

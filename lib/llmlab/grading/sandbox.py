@@ -50,6 +50,8 @@ _BWRAP: bool | None = None
 def isolation() -> str:
     """Return 'bubblewrap' when the namespace sandbox works here, else 'process' (limits only)."""
     global _BWRAP
+    if os.environ.get("LLMLAB_SANDBOX") == "process":  # force the fallback (see grading/README.md)
+        return "process"
     if _BWRAP is None:
         _BWRAP = _bwrap_works()
     return "bubblewrap" if _BWRAP else "process"
@@ -114,7 +116,7 @@ class _Process:
         lim = self.limits
         python = [sys.executable, "-I", "-m", "llmlab.grading.worker"]
         root = os.getuid() == 0
-        scratch = "/tmp"
+        scratch, drop = "/tmp", []
         if isolation() == "bubblewrap":
             # Root starts bwrap (it needs to see the interpreter under /root), and setpriv then
             # drops to a throwaway uid, so process limits count only this sandbox's processes.
@@ -146,6 +148,9 @@ class _Process:
         env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": scratch,
                "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "TMPDIR": scratch, "PWD": scratch,
                "OMP_NUM_THREADS": str(lim["threads"]), "LLMLAB_HOME": str(assets.home().resolve())}
+        # RLIMIT_NPROC counts every task of the real uid: a throwaway uid (root) starts at zero,
+        # an ordinary user's sandbox gets the limit on top of what that user already runs.
+        nproc = lim["nproc"] + (0 if drop else _tasks_of(os.getuid()))
         r, w = os.pipe()
         os.set_inheritable(w, True)
 
@@ -156,7 +161,7 @@ class _Process:
             resource.setrlimit(resource.RLIMIT_FSIZE, (lim["fsize_mb"] * mib,) * 2)
             resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 5))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, cwd=scratch, preexec_fn=limit, pass_fds=(w, 3), start_new_session=True)
@@ -215,6 +220,20 @@ class _Process:
             return self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             return None
+
+
+def _tasks_of(uid: int) -> int:
+    """Count the threads (tasks) that `uid` runs now; what RLIMIT_NPROC counts."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if fields.get("Uid", "").split()[:1] == [str(uid)]:
+            total += int(fields.get("Threads", "1").strip() or 1)
+    return total
 
 
 def _kill_uid(uid: int) -> None:
