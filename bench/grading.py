@@ -13,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 LAB = "01-attention"
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore")  # nbgrader's SQLAlchemy chatter
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submissions", type=int, default=4, help="submissions per run (default 4)")
     args = parser.parse_args()
