@@ -1,22 +1,15 @@
 # Thin targets over the `llmlab` CLI. The first target you run creates .venv:
-# torch==2.13.0 goes in first, then the course, with torch pinned so nothing upgrades it.
+# docker/install-course.sh puts torch==2.13.0 in first, then the course with torch held fixed.
 PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-TORCH   := torch==2.13.0
-PIN     := $(VENV)/torch-pin.txt
 
 .PHONY: course test lab release doctor assets system clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/install-course.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	echo "$(TORCH)" > $(PIN)
-	$(BIN)/python -m pip install --quiet -c $(PIN) -e ".[course,test]"
-	$(BIN)/python -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.13.0', v"
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	PYTHON=$(BIN)/python docker/install-course.sh
 	touch $(STAMP)
 
 ## system: operating-system tools the grader uses (bubblewrap); needs root or sudo, skipped otherwise.

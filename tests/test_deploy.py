@@ -1,0 +1,94 @@
+"""Static checks of the deployment: Dockerfiles (hadolint), Kubernetes manifests, pins that agree."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    assert path, f"{name} is not installed (it is a test dependency: pip install -e .[test])"
+    return path
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile.cpu", "docker/Dockerfile.gpu"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    proc = subprocess.run([_tool("hadolint"), str(ROOT / dockerfile)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _validate(tmp_path: Path, manifest: dict | Path) -> subprocess.CompletedProcess:
+    if isinstance(manifest, dict):
+        path = tmp_path / f"{manifest['kind'].lower()}.yaml"
+        path.write_text(yaml.safe_dump(manifest))
+        manifest = path
+    return subprocess.run([_tool("kubernetes-validate"), "--strict", str(manifest)], capture_output=True, text=True)
+
+
+def test_grading_job_manifest_is_valid(tmp_path):
+    for manifest in sorted((ROOT / "grading" / "k8s").glob("*.yaml")):
+        proc = _validate(tmp_path, manifest)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_validator_rejects_a_broken_manifest(tmp_path):
+    job = yaml.safe_load((ROOT / "grading" / "k8s" / "grade-job.yaml").read_text())
+    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"  # typo
+    assert _validate(tmp_path, job).returncode != 0
+
+
+def test_hub_gpu_profile_renders_to_a_valid_pod(tmp_path):
+    """Render the z2jh GPU profile the way KubeSpawner would (the parts we set) and validate the Pod."""
+    values = yaml.safe_load((ROOT / "docker" / "jupyterhub" / "values.yaml").read_text())
+    single = values["singleuser"]
+    gpu = next(p for p in single["profileList"] if "GPU" in p["display_name"])["kubespawner_override"]
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "jupyter-student"},
+        "spec": {
+            "securityContext": {"runAsUser": single["uid"], "fsGroup": single["fsGid"]},
+            "tolerations": gpu["tolerations"],
+            "volumes": gpu["volumes"],
+            "containers": [{
+                "name": "notebook", "image": gpu["image"],
+                "resources": {"limits": {"cpu": str(gpu["cpu_limit"]), "memory": gpu["mem_limit"], **gpu["extra_resource_limits"]}},
+                "env": [{"name": k, "value": v} for k, v in single["extraEnv"].items()],
+                "volumeMounts": gpu["volume_mounts"],
+            }],
+        },
+    }
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    proc = _validate(tmp_path, pod)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_file_parses_and_names_the_course_image():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert compose["services"]["hub"]["environment"]["LLMLAB_IMAGE"].startswith("llmlab/course-cpu:")
+
+
+def test_torch_pin_agrees_everywhere():
+    pins = {
+        "pyproject [tool.llmlab]": tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["llmlab"]["torch"],
+        "docker/install-course.sh": re.search(r"^TORCH_VERSION=(\S+)", (ROOT / "docker/install-course.sh").read_text(), re.M).group(1),
+        "environment.yml": re.search(r"torch==(\S+)", (ROOT / "environment.yml").read_text()).group(1),
+    }
+    assert len(set(pins.values())) == 1, pins
+    import torch
+
+    assert torch.__version__.split("+")[0] == pins["docker/install-course.sh"]
+
+
+def test_images_install_through_the_shared_script():
+    for dockerfile in ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu"):
+        assert "docker/install-course.sh" in (ROOT / dockerfile).read_text()
+    assert "docker/install-course.sh" in (ROOT / "Makefile").read_text()
