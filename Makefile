@@ -5,19 +5,23 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: course test lab release doctor assets system clean
+.PHONY: course test test-browser lab release doctor assets system clean
 
 $(STAMP): pyproject.toml docker/install-course.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	PYTHON=$(BIN)/python docker/install-course.sh
 	touch $(STAMP)
 
-## system: operating-system tools the grader uses (bubblewrap); needs root or sudo, skipped otherwise.
+## system: operating-system packages (Debian): bubblewrap for the grading sandbox, chromium for
+## the browser test. Needs root or sudo; without them it only warns.
 system:
-	@command -v bwrap >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
-	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq bubblewrap >/dev/null; \
-	  else echo "warning: bubblewrap missing and no root: grading falls back to the process sandbox (see grading/README.md)"; fi; }
+	@missing=""; command -v bwrap >/dev/null || missing="bubblewrap"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	    elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; \
+	    else echo "warning: missing $$missing and no root: grading falls back to the process sandbox, the browser test is skipped"; fi; \
+	  fi
 
 ## course: the main job — assets, release, every lab headless in QUICK mode, grade sample submissions.
 course: $(STAMP) system
@@ -27,6 +31,13 @@ course: $(STAMP) system
 test: $(STAMP) system
 	$(BIN)/llmlab assets fetch
 	$(BIN)/python -m pytest; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+## test-browser: JupyterLab driven by Chromium (Playwright): the student's and instructor's view.
+test-browser: $(STAMP) system
+	$(BIN)/python -m pip install --quiet "playwright>=1.45"
+	$(BIN)/llmlab assets fetch
+	$(BIN)/python -m pytest -m browser tests/browser; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 ## lab: JupyterLab on the course (student view in labs/).
