@@ -18,9 +18,18 @@ pytestmark = pytest.mark.slow
 LAB = "01-attention"
 
 
-def test_solution_notebook_runs_in_quick_mode(tmp_path):
-    result = course.run(ROOT / "solutions" / LAB / "attention.ipynb", {"QUICK": True}, out_dir=tmp_path, progress=False)
-    course.check_completed(result.notebook)
+@pytest.mark.parametrize("lab", course.labs())
+def test_solution_notebook_runs_in_quick_mode(tmp_path, lab):
+    for path in course.notebooks(lab):
+        result = course.run(path, {"QUICK": True}, out_dir=tmp_path, progress=False)
+        course.check_completed(result.notebook)
+
+
+@pytest.mark.parametrize("lab", [lab for lab in course.labs() if lab != LAB])  # lab 1: in the attack batch
+def test_samples_earn_what_they_deserve(tmp_path, lab):
+    expected = samples.write(lab, tmp_path / "subs")
+    results = pipeline.grade(lab, tmp_path / "subs", workers=2, progress=False)
+    assert samples.mismatches(results, expected) == []
 
 
 @pytest.fixture(scope="module")

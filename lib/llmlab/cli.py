@@ -105,6 +105,14 @@ def cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build a course-made asset (course-gpt) into the cache, reproducibly from its seed."""
+    start = time.perf_counter()
+    path = assets.build(args.name, quick=args.quick, seed=args.seed)
+    print(f"{args.name}: built in {time.perf_counter() - start:.0f} s -> {path}")
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     """Generate student copies (labs/) from solutions/ with nbgrader; --check only reports drift."""
     if args.check:
@@ -202,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="asset names (default: all)")
     p.add_argument("--force", action="store_true", help="re-hash a cached asset and fetch it again if it is wrong")
     p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("build", help="build a course-made asset (course-gpt) into the asset cache")
+    p.add_argument("name", help="asset name, e.g. course-gpt")
+    p.add_argument("--quick", action="store_true", help="the small CPU-sized model (CI); default: the full one")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same weights (default 0)")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("release", help="generate the student copies in labs/ from solutions/ (nbgrader)")
     p.add_argument("lab", nargs="?", help="lab id, e.g. 01-attention or 1 (default: all)")
