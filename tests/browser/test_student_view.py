@@ -62,6 +62,7 @@ def course(tmp_path_factory):
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={course}", "--allow-root",
+         f"--LabApp.workspaces_dir={base / 'workspaces'}",
          "--LabApp.news_url=", "--ServerApp.disable_check_xsrf=False"],
         cwd=course / "grading", env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
@@ -88,20 +89,22 @@ def browser():
 
 def _open(browser, course, path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{course['url']}/lab/tree/{path}?token={course['token']}")
+    page.goto(f"{course['url']}/lab/tree/{path}?token={course['token']}&reset")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus, #jp-main-statusbar", timeout=60_000)
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(course["shots"] / f"open-{path.split('/')[0]}.png"))
     return page
 
 
 def _run_all_and_save(page, timeout_s: int = 240) -> None:
-    page.locator(".jp-Notebook").first.click()
+    page.locator(".jp-NotebookPanel:visible .jp-Notebook").first.click()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     deadline = time.time() + timeout_s
     time.sleep(3)
     while time.time() < deadline:  # running cells show "[*]"
-        prompts = page.locator(".jp-InputArea-prompt").all_inner_texts()
+        prompts = page.locator(".jp-NotebookPanel:visible .jp-InputArea-prompt").all_inner_texts()
         if prompts and not any("*" in p for p in prompts):
             break
         time.sleep(1)
@@ -114,10 +117,10 @@ def _run_all_and_save(page, timeout_s: int = 240) -> None:
 def _run_cells_containing(page, snippets: list[str], timeout_s: int = 120) -> None:
     """Run, one at a time, the first code cell containing each snippet (as a student clicking through)."""
     for snippet in snippets:
-        cell = page.locator(".jp-CodeCell", has_text=snippet).first
-        cell.scroll_into_view_if_needed()
-        cell.locator(".jp-InputArea-prompt").click()  # select the cell in command mode
-        page.keyboard.press("Control+Enter")
+        cell = page.locator(".jp-NotebookPanel:visible .jp-CodeCell", has_text=snippet).first
+        cell.scroll_into_view_if_needed(timeout=60_000)
+        cell.locator(".jp-InputArea-editor").click(timeout=60_000)  # edit mode in this cell
+        page.keyboard.press("Control+Enter")  # run it
         time.sleep(1)
         deadline = time.time() + timeout_s
         while "*" in cell.locator(".jp-InputArea-prompt").inner_text() and time.time() < deadline:
@@ -131,11 +134,11 @@ def _errors(path: Path) -> list[str]:
 
 
 def _explorer_responds(page) -> None:
-    widget = page.locator(".jp-OutputArea-output .widget-slider").last
+    widget = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output .widget-slider").last
     widget.scroll_into_view_if_needed(timeout=30_000)
     widget.wait_for(timeout=30_000)
     widget.scroll_into_view_if_needed()
-    area = page.locator(".jp-OutputArea-output:has(.widget-slider)").last
+    area = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output:has(.widget-slider)").last
     before = area.locator("img").first.get_attribute("src")
     handle = widget.locator(".noUi-handle, input[type=range], .ui-slider-handle").first
     handle.click()
