@@ -259,7 +259,7 @@ def _(template, solution, ctx):
     root = ctx["root"]
     code = ("import os\n"
             "for _p in [" + ", ".join(repr(str(p)) for p in [
-                f"{root}/lib/llmlab/checks.py", f"{root}/labs/{LAB}/attention.ipynb", f"{root}/grading/policy.toml",
+                f"{root}/lib/llmlab/checks/attention.py", f"{root}/labs/{LAB}/attention.ipynb", f"{root}/grading/policy.toml",
                 "/usr/lib/python3/dist-packages/pwned.py", f"{root}/.venv/lib/pwned.pth"]) + "]:\n"
             "    try:\n"
             "        open(_p, 'a').write('\\ndef check_sdpa(fn): pass\\n')\n"

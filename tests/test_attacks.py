@@ -24,7 +24,7 @@ from llmlab.grading.sandbox import isolation
 pytestmark = pytest.mark.slow
 NEEDS_BWRAP = {"read-solutions", "read-hidden-tests-and-gradebook", "write-gradebook-and-results",
                "write-outside-scratch", "network-exfiltration", "fork-bomb", "kill-the-grader", "detect-grading"}
-PROTECTED = ["lib/llmlab/checks.py", f"labs/{LAB}/attention.ipynb", "grading/policy.toml",
+PROTECTED = ["lib/llmlab/checks/attention.py", f"labs/{LAB}/attention.ipynb", "grading/policy.toml",
              f"solutions/{LAB}/attention.ipynb"]
 
 

@@ -2,6 +2,7 @@
 from a checkpoint, and two-process DDP with gloo (torchrun)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -241,3 +242,25 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert rank0[1] != rank1[1]  # from different data: each rank drew its own batches
     assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4  # written by rank 0
     assert len(T.load_checkpoint(tmp_path / "ckpt.pt")["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_course_gpt_build_is_reproducible_and_loads_as_llama(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab.train import build_course_gpt
+
+    for name in ("a", "b"):
+        build_course_gpt(tmp_path / name, quick=True, seed=0, device="cpu")
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "same seed -> same weights"
+    summary = json.loads((tmp_path / "a" / "llmlab-train.json").read_text())
+    assert summary["quick"] and summary["val_loss"] < 4.5  # well below ln(512) = 6.24
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    text = tok.apply_chat_template([{"role": "user", "content": "Hail!"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHail!<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok.convert_ids_to_tokens(ids[0, :1].tolist()) == ["<|im_start|>"], "chat markers are single tokens"
+    assert model(ids).logits.shape == (1, ids.shape[1], 512)

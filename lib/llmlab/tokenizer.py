@@ -19,6 +19,12 @@ if TYPE_CHECKING:  # imported lazily: `tokenizers` and `transformers` are slow t
     import transformers
 
 EOT = "<|endoftext|>"  # GPT-2's document separator, our default special token
+CHAT_SPECIALS = (EOT, "<|im_start|>", "<|im_end|>")  # plus ChatML's turn markers (as SmolLM2 uses)
+# ChatML, as SmolLM2-Instruct's template writes it (without its default system prompt)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 # ----------------------------------------------------------------------------------------
 # BPE from scratch: two small functions do all the work
@@ -138,12 +144,13 @@ def train_bpe(
 
 def to_hf(
     tokenizer: "tokenizers.Tokenizer", eos_token: str = EOT, bos_token: str | None = None,
-    pad_token: str | None = None,
+    pad_token: str | None = None, chat_template: str | None = None,
 ) -> "transformers.PreTrainedTokenizerFast":
     """Wrap a `tokenizers.Tokenizer` for `transformers` (save_pretrained / AutoTokenizer).
 
     bos and pad default to the eos token, as for GPT-2: one separator token between
-    documents, and padding that the attention mask hides anyway.
+    documents, and padding that the attention mask hides anyway. `chat_template` (Jinja,
+    e.g. CHATML_TEMPLATE) enables `apply_chat_template`.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -156,4 +163,5 @@ def to_hf(
         bos_token=bos_token or eos_token,
         pad_token=pad_token or eos_token,
         clean_up_tokenization_spaces=False,  # keep " ." as " .": decode must invert encode
+        chat_template=chat_template,
     )

@@ -457,3 +457,91 @@ def plot_history(history: dict[str, list]) -> "Figure":
     ax_ppl.set_title("perplexity = exp(loss): the effective number of choices per token", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face models in the same loop
+
+
+class HFCausalLM(nn.Module):
+    """Wraps a Hugging Face causal LM so `train` can drive it: forward(x, y) -> (logits, loss).
+
+    y holds the next tokens already (y[t] follows x[t]) with IGNORE_INDEX where no loss is
+    wanted (prompt tokens, padding); x positions whose y is IGNORE_INDEX past the last real
+    token are padding, and `pad_id` marks them for the attention mask.
+    """
+
+    def __init__(self, model: nn.Module, pad_id: int | None = None):
+        super().__init__()
+        self.model = model
+        self.pad_id = pad_id
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x, y (B, T) -> logits (B, T, V) and the mean cross-entropy over non-ignored targets."""
+        from llmlab.model import IGNORE_INDEX
+
+        mask = None if self.pad_id is None else (x != self.pad_id).long()
+        logits = self.model(input_ids=x, attention_mask=mask).logits
+        loss = None
+        if y is not None:
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def configure_optimizers(
+        self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+    ) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters only (e.g. LoRA's), decay on 2D weights."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+# ----------------------------------------------------------------------------------------
+# The course's own base model: what lab 2 trains, built reproducibly as asset `course-gpt`
+
+
+def course_gpt_recipe(vocab_size: int, quick: bool, seed: int = 0, device: str = "auto") -> tuple["GPTConfig", TrainConfig]:
+    """Model and training configs of lab 2's GPT: ~0.3M parameters in QUICK mode, ~11M in full."""
+    from llmlab.model import GPTConfig
+
+    if quick:  # seconds on a laptop CPU
+        config = GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=96)
+        cfg = TrainConfig(max_steps=400, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                          eval_interval=100, eval_steps=5, device=device, seed=seed)
+    else:  # minutes on a GPU
+        config = GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1)
+        cfg = TrainConfig(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                          eval_interval=250, eval_steps=20, device=device, seed=seed)
+    return config, cfg
+
+
+def build_course_gpt(folder: str | Path, quick: bool = False, seed: int = 0, device: str = "auto") -> None:
+    """Pretrain lab 2's GPT on Shakespeare and save it as a Llama checkpoint + chat tokenizer in `folder`.
+
+    Same seed and device -> the same weights. The tokenizer has ChatML's <|im_start|> and
+    <|im_end|> as special tokens and a chat template, so lab 3 can instruction-tune it.
+    """
+    import json
+
+    from llmlab import data, runtime, tokenizer
+    from llmlab.model import GPT, save_hf
+
+    runtime.seed_everything(seed)
+    corpus = data.lm_corpus("shakespeare", seed=seed)
+    bpe = tokenizer.train_bpe(corpus["train"], 512 if quick else 4096, special_tokens=tokenizer.CHAT_SPECIALS)
+    eot = bpe.token_to_id(tokenizer.EOT)
+    config, cfg = course_gpt_recipe(bpe.get_vocab_size(), quick, seed, device)
+    blocks = {split: data.TokenBlocks.from_texts(corpus[split], bpe, config.block_size, eot)
+              for split in ("train", "val")}
+    model = GPT(config)
+    history = train(model, blocks["train"], blocks["val"], cfg)
+    save_hf(model.cpu(), tokenizer.to_hf(bpe, chat_template=tokenizer.CHATML_TEMPLATE), folder)
+    summary = {"quick": quick, "seed": seed, "params": model.num_params(), "config": asdict(config),
+               "steps": cfg.max_steps, "val_loss": history["val_loss"][-1]}
+    (Path(folder) / "llmlab-train.json").write_text(json.dumps(summary, indent=1))
+

@@ -1,0 +1,145 @@
+"""Shared machinery of the instant-feedback checks: calling the student's function, comparing results.
+
+`fn` is only ever called — never inspected — with tensors, numbers, strings, bools, None and
+lists/dicts of them, and only such values are read back. So the same checks run on a
+notebook function or on a proxy that forwards the call to the autograder's sandbox.
+"""
+from __future__ import annotations
+
+import numbers
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+
+class Watch(TorchFunctionMode):
+    """Records calls of forbidden torch functions or Python code while the student's function runs."""
+
+    def __init__(self, torch_funcs: dict, code: dict, files: dict[str, str]):
+        super().__init__()
+        self.torch_funcs, self.code, self.files = torch_funcs, code, files
+        self.hits: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.torch_funcs.get(func) if _hashable(func) else None
+        if name:
+            self.hits.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def profile(self, frame, event, arg) -> None:
+        """sys.setprofile hook: catches forbidden Python code and whole reference files."""
+        if event == "call":
+            code = frame.f_code
+            if code in self.code:
+                self.hits.append(self.code[code])
+            elif code.co_filename in self.files:
+                self.hits.append(self.files[code.co_filename])
+        elif event == "c_call" and _hashable(arg) and arg in self.torch_funcs:
+            self.hits.append(self.torch_funcs[arg])
+
+
+def _hashable(obj: Any) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def call(name: str, fn: Callable, *args: Any, watch: Watch | None = None) -> Any:
+    """fn(*args), turning any exception (or a call `watch` forbids) into an AssertionError about `name`."""
+    previous = sys.getprofile()
+    error: Exception | None = None
+    try:
+        if watch is None:
+            out = fn(*args)
+        else:
+            with watch:
+                sys.setprofile(watch.profile)
+                try:
+                    out = fn(*args)
+                finally:
+                    sys.setprofile(previous)
+    except Exception as e:  # noqa: BLE001 — whatever the student's code raised
+        error = e
+    if watch is not None and watch.hits:
+        raise AssertionError(f"{name} calls {watch.hits[0]}; this exercise asks you to implement it yourself")
+    if error is not None:
+        detail = str(error).strip()
+        text = f"{name} raised {type(error).__name__}" + (f": {detail}" if detail else "")
+        if "view size is not compatible" in str(error):
+            text += "\n(hint: after a transpose a tensor is no longer contiguous; .view cannot handle that)"
+        raise AssertionError(text) from None
+    return out
+
+
+def fail(name: str, message: str) -> None:
+    raise AssertionError(f"{name}: {message}")
+
+
+def shape_of(t: Tensor | torch.Size | tuple) -> tuple[int, ...]:
+    return tuple(t.shape) if isinstance(t, Tensor) else tuple(t)
+
+
+def expect_tensor(name: str, out: Any, shape: tuple[int, ...], dtype: torch.dtype | None,
+                   inputs: str, hints: dict[tuple[int, ...], str] | None = None) -> Tensor:
+    """Fail unless `out` is a tensor of `shape` (and of `dtype`, when given); return it."""
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        fail(name, f"returns a tuple of {len(out)} values; return a single tensor")
+    if not isinstance(out, Tensor):
+        fail(name, f"returns {type(out).__name__}, expected a torch.Tensor")
+    got = shape_of(out)
+    if got != shape:
+        hint = (hints or {}).get(got, "")
+        fail(name, f"returns shape {got} for {inputs}; expected {shape}" + (f" — {hint}" if hint else ""))
+    if dtype is not None and out.dtype != dtype:
+        fail(name, f"returns dtype {out.dtype} for {dtype} inputs; keep the input dtype "
+                    "(a hard-coded dtype, or a new tensor created without dtype=?)")
+    return out
+
+
+def close(got: Tensor, want: Tensor, atol: float) -> bool:
+    """Same shape and all entries within atol (+ 1e-7 relative); NaN never matches."""
+    if shape_of(got) != shape_of(want):
+        return False
+    got, want = got.detach().to("cpu", torch.float64), want.detach().to("cpu", torch.float64)
+    return bool(torch.isfinite(got).all()) and torch.allclose(got, want, rtol=1e-7, atol=atol)
+
+
+def max_err(got: Tensor, want: Tensor) -> float:
+    return float((got.detach().cpu().double() - want.detach().cpu().double()).abs().max())
+
+
+def atol_for(dtype: torch.dtype) -> float:
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+def random_mask(gen: torch.Generator, *shape: int) -> Tensor:
+    """Random bool mask whose every row (last axis) has at least one True and one False."""
+    mask = torch.rand(*shape, generator=gen) < 0.5
+    mask[..., 0] = True  # guarantee one kept key per row...
+    mask[..., -1] = False  # ...and one hidden key
+    perm = torch.randperm(shape[-1], generator=gen)
+    return mask[..., perm]
+
+
+def ok(message: str) -> None:
+    print(f"✓ {message}")
+
+
+
+
+def as_float(name: str, out: Any) -> float:
+    """The student's scalar result as a float (a one-element tensor counts), or a clear failure."""
+    if isinstance(out, Tensor) and out.numel() == 1:
+        out = out.item()
+    if isinstance(out, bool) or not isinstance(out, numbers.Real):
+        fail(name, f"returns {type(out).__name__}; expected a number")
+    return float(out)
