@@ -30,6 +30,7 @@ course: $(STAMP) system
 ## test: the test suite (CI runs this). pytest's "no tests collected" (exit 5) counts as a failure.
 test: $(STAMP) system
 	$(BIN)/llmlab assets fetch
+	$(BIN)/llmlab assets path course-gpt >/dev/null 2>&1 || $(BIN)/llmlab build course-gpt --quick
 	$(BIN)/python -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

@@ -168,6 +168,8 @@ def cmd_course(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     print("== assets")
     cmd_assets(argparse.Namespace(action="fetch", names=[], force=False))
+    if not assets.is_cached("course-gpt"):  # later labs load it; the QUICK build takes ~30 s
+        cmd_build(argparse.Namespace(name="course-gpt", quick=True, seed=0))
     print("== release")
     for path in course.release():
         print(f"released {path.relative_to(course.root())}")

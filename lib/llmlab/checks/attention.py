@@ -410,7 +410,7 @@ def check_attention_memory(fn: Callable) -> None:
         want = batch * heads * T * T * nbytes
         if out == want:
             continue
-        call = f"({batch}, {heads}, {T}, {nbytes}) gives {out:,}"
+        case = f"({batch}, {heads}, {T}, {nbytes}) gives {out:,}"
         for factor, why in ((2, "counts the scores twice (e.g. scores and probabilities); count one tensor of scores"),
                             (8, "counts bits; the answer is in bytes"),
                             (1 / nbytes, "forgets bytes_per_element"),
@@ -418,8 +418,8 @@ def check_attention_memory(fn: Callable) -> None:
                             (1 / heads, "forgets the heads: each head has its own score matrix"),
                             (1 / T, "grows linearly with T; a score matrix holds one number per (query, key) pair")):
             if factor != 1 and math.isclose(out, want * factor):
-                fail(name, f"{call}: {why}")
-        fail(name, f"{call}, expected {want:,}")
+                fail(name, f"{case}: {why}")
+        fail(name, f"{case}, expected {want:,}")
     ok("memory: byte counts right for every batch, head count and length tried")
 
 

@@ -197,21 +197,21 @@ def check_next_token_probs(fn: Callable) -> None:
     gen = torch.Generator().manual_seed(25)
     logits = randn(gen, 3, 10) * 2
     for temperature, top_k in ((1.0, None), (0.5, None), (2.0, 3), (1.0, 1), (0.0, None), (0.7, 10)):
-        call = f"temperature={temperature}, top_k={top_k}"
+        args = f"temperature={temperature}, top_k={top_k}"
         out = expect_tensor(name, call(name, fn, logits, temperature, top_k), (3, 10), logits.dtype,
-                             f"logits (3, 10), {call}")
+                             f"logits (3, 10), {args}")
         want = _reference_probs(logits, temperature, top_k)
         if close(out, want, 1e-10):
             continue
         if not torch.allclose(out.sum(-1), torch.ones(3, dtype=out.dtype), atol=1e-8):
-            fail(name, f"{call}: rows do not sum to 1; return probabilities (softmax at the end)")
+            fail(name, f"{args}: rows do not sum to 1; return probabilities (softmax at the end)")
         if top_k is not None and close(out, _reference_probs(logits, temperature, None), 1e-10):
-            fail(name, f"{call}: top_k is ignored; every token outside the k likeliest must get probability 0")
+            fail(name, f"{args}: top_k is ignored; every token outside the k likeliest must get probability 0")
         if temperature and close(out, _reference_probs(logits * temperature * temperature, temperature, top_k), 1e-10):
-            fail(name, f"{call}: multiplies by the temperature; divide the logits by it")
+            fail(name, f"{args}: multiplies by the temperature; divide the logits by it")
         if temperature == 0:
             fail(name, "temperature=0 is greedy decoding: probability 1 on the argmax, 0 elsewhere")
-        fail(name, f"{call}: differs from the reference (max |error| {max_err(out, want):.2e})")
+        fail(name, f"{args}: differs from the reference (max |error| {max_err(out, want):.2e})")
     ok("sampling: temperature, top-k and greedy all give the right distribution")
 
 
