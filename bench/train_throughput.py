@@ -1,7 +1,7 @@
 """Training throughput: `llmlab.train.train` vs a plain nanoGPT-style loop, same model and data.
 
-    .venv/bin/python bench/train.py [--steps 30] [--repeats 3] [--threads N]
-    python bench/train.py --device cuda --model gpt2 --batch 8 --steps 20     # on a GPU
+    .venv/bin/python bench/train_throughput.py [--steps 30] [--repeats 3] [--threads N]
+    python bench/train_throughput.py --device cuda --model gpt2 --batch 8 --steps 20     # on a GPU
 
 Model: by default the 1.3M-parameter QUICK GPT (GPTConfig() defaults: 4 layers, width 128,
 4 heads, vocab 4096, context 128), batch 16 x 128 tokens, fp32 on CPU; `--model gpt2` is a
