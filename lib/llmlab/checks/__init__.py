@@ -9,3 +9,4 @@ importable from here: `from llmlab import checks; checks.check_sdpa(fn)`.
 from llmlab.checks.attention import *  # noqa: F403
 from llmlab.checks.pretraining import *  # noqa: F403
 from llmlab.checks.finetuning import *  # noqa: F403
+from llmlab.checks.quantization import *  # noqa: F403
