@@ -1,4 +1,4 @@
-"""`llmlab`: the course's command line (doctor, assets, release, run, grade, course).
+"""`llmlab`: the course's command line (doctor, assets, release, run, grade, serve, course).
 
 Every command prints one clear line on failure and exits non-zero: 1 for a failed run or
 grade, 2 for bad usage (argparse), 3 for a missing asset or a broken course layout.
@@ -161,6 +161,14 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return EXIT_FAIL if any(r.error for r in results) else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model behind an OpenAI-compatible HTTP API until interrupted."""
+    from llmlab import serve
+
+    serve.run(serve.ServerConfig(model_name=args.model, api_key=args.api_key), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_course(args: argparse.Namespace) -> int:
     """The main job: assets, release, every lab headless in QUICK mode, grade sample submissions."""
     from llmlab.grading import pipeline, samples
@@ -242,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grade only the I-th of N slices of the students (one Kubernetes Job pod each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API (lab 5)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="asset name or hub id (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("LLMLAB_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $LLMLAB_API_KEY, else no key)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("course", help="the main job: assets, release, run every lab (QUICK), grade samples")
     p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")

@@ -10,3 +10,4 @@ from llmlab.checks.attention import *  # noqa: F403
 from llmlab.checks.pretraining import *  # noqa: F403
 from llmlab.checks.finetuning import *  # noqa: F403
 from llmlab.checks.quantization import *  # noqa: F403
+from llmlab.checks.serving import *  # noqa: F403
