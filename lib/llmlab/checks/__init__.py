@@ -10,4 +10,5 @@ from llmlab.checks.attention import *  # noqa: F403
 from llmlab.checks.pretraining import *  # noqa: F403
 from llmlab.checks.finetuning import *  # noqa: F403
 from llmlab.checks.quantization import *  # noqa: F403
+from llmlab.checks.agents import *  # noqa: F403
 from llmlab.checks.serving import *  # noqa: F403
