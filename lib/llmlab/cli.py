@@ -178,6 +178,9 @@ def cmd_course(args: argparse.Namespace) -> int:
     cmd_assets(argparse.Namespace(action="fetch", names=[], force=False))
     if not assets.is_cached("course-gpt"):  # later labs load it; the QUICK build takes ~30 s
         cmd_build(argparse.Namespace(name="course-gpt", quick=True, seed=0))
+    from llmlab import agent
+
+    agent.tool_use_adapter()  # lab 6's tool-use LoRA: built once (~10 min on a CPU), then cached
     print("== release")
     for path in course.release():
         print(f"released {path.relative_to(course.root())}")
