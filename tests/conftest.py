@@ -21,6 +21,19 @@ def _course_env(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def seeded_one_thread():
+    """Seed torch and run on one thread: tiny models are fastest so, and a second thread
+    waiting for a busy core makes them several times slower on a shared 2-core machine."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_course(root: Path, lab: str, cells: list) -> Path:
     """Create a minimal course at `root` with one lab made of `cells`; return the notebook path."""
     (root / "grading").mkdir(parents=True, exist_ok=True)

@@ -14,14 +14,7 @@ from llmlab.model import GPT, GPTConfig
 TINY = dict(vocab_size=61, block_size=48, n_layer=2, n_head=4, n_embd=32)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Small models are fastest on one thread on a shared 2-core machine.
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
@@ -230,14 +223,6 @@ def test_gpt_batched_equals_one_by_one():
 # KV cache: Hugging Face models (past_key_values)
 
 
-def test_course_gpt_cached_equals_uncached_equals_hugging_face(course_gpt):
-    model, tok = course_gpt
-    prompt = tok("ROMEO. What light", add_special_tokens=False)["input_ids"]
-    cached = G.generate(model, prompt, 30)
-    assert cached == G.generate(model, prompt, 30, use_cache=False)
-    assert cached == hf_greedy(model, prompt, 30)
-
-
 def test_course_gpt_batched_equals_one_by_one(course_gpt):
     model, tok = course_gpt
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("KING.", "O Romeo, Romeo! wherefore", "I")]
@@ -246,13 +231,15 @@ def test_course_gpt_batched_equals_one_by_one(course_gpt):
     assert G.generate_batch(model, prompts, 25, pad_token_id=tok.pad_token_id) == alone
 
 
-def test_smollm2_cached_equals_uncached_equals_hugging_face(smollm2):
-    model, tok = smollm2
-    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
-    cached = G.generate(model, prompt, 8)
-    assert cached == G.generate(model, prompt, 8, use_cache=False)
-    assert cached == hf_greedy(model, prompt, 8)
-    assert "Paris" in tok.decode(cached)
+@pytest.mark.parametrize("fixture, text, n, expect", [("course_gpt", "ROMEO. What light", 30, ""),
+                                                      ("smollm2", "The capital of France is", 8, "Paris")])
+def test_cached_equals_uncached_equals_hugging_face(request, fixture, text, n, expect):
+    model, tok = request.getfixturevalue(fixture)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    cached = G.generate(model, prompt, n)
+    assert cached == G.generate(model, prompt, n, use_cache=False)
+    assert cached == hf_greedy(model, prompt, n)
+    assert expect in tok.decode(cached)
 
 
 def test_smollm2_batched_equals_one_by_one(smollm2):

@@ -13,15 +13,7 @@ from llmlab import tokenizer as tk
 TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny models are fastest on one thread, and a second thread waiting for a busy core
-    # makes them several times slower on a shared 2-core machine.
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 def tiny(**overrides) -> M.GPT:
