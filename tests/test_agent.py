@@ -12,6 +12,7 @@ import unicodedata
 
 import pytest
 
+from conftest import llmlab
 from llmlab import agent as A
 from llmlab import data
 
@@ -261,9 +262,11 @@ def test_agent_arguments_are_checked():
 
 def test_answer_matching_normalises():
     for predicted, expected in (("84", "84"), ("84.0", "84"), (" 58,000 ", "58000"), ("The Ridge Hills.", "the Ridge Hills"),
-                                ("Paris.", "Paris"), ("412 Metres", "412 metres"), ("0.3333", "0.3333")):
+                                ("Paris.", "Paris"), ("412 Metres", "412 metres"), ("0.3333", "0.3333"),
+                                ("41000 people", "41000"), ("-2.50", "-2.5")):
         assert A.answers_match(predicted, expected), (predicted, expected)
-    for predicted, expected in (("85", "84"), ("Paris, France", "Paris"), (None, "84"), ("412", "412 metres")):
+    for predicted, expected in (("85", "84"), ("Paris, France", "Paris"), (None, "84"), ("412", "412 metres"),
+                                ("46 feet", "46 metres"), ("41000 people in Port Tamsin", "41000"), ("2 4", "24")):
         assert not A.answers_match(predicted, expected), (predicted, expected)
 
 
@@ -532,3 +535,27 @@ def test_merge_adapter_reads_both_adapter_formats(kind, tmp_path):
     assert (want - plain).abs().max() > 1e-3  # the adapter matters...
     assert torch.allclose(got, want, atol=1e-4)  # ...and the merged model computes the adapted function
     assert not any("lora" in name for name, _ in merged.named_modules())
+
+
+def test_tool_use_adapter_trains_once_then_comes_from_the_cache():
+    from safetensors.torch import load_file
+
+    recipe = A.AdapterRecipe(n_episodes=6, max_steps=1, batch_size=1, target_modules=("q_proj", "down_proj"))
+    assert recipe.key() != A.AdapterRecipe().key() != A.AdapterRecipe(lr=1e-3).key()
+    path = A.tool_use_adapter(recipe)
+    try:
+        keys = load_file(path).keys()
+        assert {k.split(".")[-3] for k in keys} == {"q_proj", "down_proj"}  # ...layers.N.<module>.lora_A.weight
+        assert len(keys) == 2 * 2 * 30  # A and B, two modules, 30 blocks of SmolLM2-135M
+        stamp = path.stat().st_mtime_ns
+        assert A.tool_use_adapter(recipe) == path and path.stat().st_mtime_ns == stamp  # found, not trained again
+    finally:
+        path.unlink()
+    with pytest.raises(ValueError, match="max_steps"):
+        A.AdapterRecipe(max_steps=0)
+
+
+def test_cli_builds_the_tool_use_adapter_make_test_and_the_images_use():
+    done = llmlab("build", "tool-use-adapter")  # `make test` built it before pytest: found in the cache
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(str(A.tool_use_adapter()))

@@ -106,10 +106,15 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build a course-made asset (course-gpt) into the cache, reproducibly from its seed."""
+    """Build a course-made asset (course-gpt, tool-use-adapter) into the cache, reproducibly from its seed."""
     start = time.perf_counter()
-    path = assets.build(args.name, quick=args.quick, seed=args.seed)
-    print(f"{args.name}: built in {time.perf_counter() - start:.0f} s -> {path}")
+    if args.name == "tool-use-adapter":  # lab 6's LoRA: one recipe, so no --quick/--seed
+        from llmlab import agent
+
+        path = agent.tool_use_adapter(progress=True)
+    else:
+        path = assets.build(args.name, quick=args.quick, seed=args.seed)
+    print(f"{args.name}: ready in {time.perf_counter() - start:.0f} s -> {path}")
     return 0
 
 
@@ -178,9 +183,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     cmd_assets(argparse.Namespace(action="fetch", names=[], force=False))
     if not assets.is_cached("course-gpt"):  # later labs load it; the QUICK build takes ~30 s
         cmd_build(argparse.Namespace(name="course-gpt", quick=True, seed=0))
-    from llmlab import agent
-
-    agent.tool_use_adapter()  # lab 6's tool-use LoRA: built once (~10 min on a CPU), then cached
+    cmd_build(argparse.Namespace(name="tool-use-adapter"))  # lab 6's LoRA: ~10 min on a CPU once, then cached
     print("== release")
     for path in course.release():
         print(f"released {path.relative_to(course.root())}")
@@ -224,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-hash a cached asset and fetch it again if it is wrong")
     p.set_defaults(func=cmd_assets)
 
-    p = sub.add_parser("build", help="build a course-made asset (course-gpt) into the asset cache")
-    p.add_argument("name", help="asset name, e.g. course-gpt")
+    p = sub.add_parser("build", help="build a course-made asset (course-gpt, tool-use-adapter) into the cache")
+    p.add_argument("name", help="course-gpt (lab 2's model) or tool-use-adapter (lab 6's LoRA, cached by recipe)")
     p.add_argument("--quick", action="store_true", help="the small CPU-sized model (CI); default: the full one")
     p.add_argument("--seed", type=int, default=0, help="same seed, same weights (default 0)")
     p.set_defaults(func=cmd_build)

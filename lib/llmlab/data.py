@@ -430,6 +430,16 @@ DOC_STORE: dict[str, str] = {  # fictional facts, so no model can know them with
     "Ilse Marren": "Ilse Marren was a botanist who catalogued 1200 species of moss.",
     "Sea of Corra": "The Sea of Corra has an average salinity of 31 grams per litre and hosts the Corra Lighthouse.",
     "Harrow Valley": "The Harrow Valley is home to the silver heron, a rare bird, and to Lake Quenby.",
+    "Fennick Market": "The Fennick Market in Mellin opens at 6 in the morning and has 140 stalls.",
+    "Quill Railway": "The Quill Railway links Mellin and Dunmore; the journey takes 95 minutes.",
+    "Saltmere Castle": "Saltmere Castle was built in 1402 by Duke Aldric and has 7 towers.",
+    "Orrin Glacier": "The Orrin Glacier covers 64 square kilometres and feeds the Pellin River.",
+    "Tessaly Orchestra": "The Tessaly Orchestra has 88 musicians and its conductor is Mira Halden.",
+    "Wexford Stadium": "Wexford Stadium in Port Tamsin seats 41000 people and opened in 1997.",
+    "Bluefin Canal": "The Bluefin Canal is 23 kilometres long and has 12 locks.",
+    "Ravel Museum": "The Ravel Museum in Dunmore displays 3400 clocks collected by Tobias Wren.",
+    "Isle of Marrow": "The Isle of Marrow lies in the Sea of Corra and has 2 villages, Eldby and Hask.",
+    "Copperleaf Park": "Copperleaf Park in Mellin has 500 oak trees and a pond called the Mirror.",
 }
 # (question template, fact key, answer) for lookups; answers are spans of the stored text
 _FACT_QUESTIONS = [
@@ -437,7 +447,7 @@ _FACT_QUESTIONS = [
     ("In which year did the Zorvath Bridge open?", "Zorvath Bridge", "1931"),
     ("How deep is Lake Quenby?", "Lake Quenby", "87 metres"),
     ("On which mountain does the Brindle Observatory stand?", "Brindle Observatory", "Mount Arlo"),
-    ("Who was the first mayor of Port Tamsin?", "Oskar Vell", "Oskar Vell"),
+    ("Of which town was Oskar Vell the first mayor?", "Oskar Vell", "Port Tamsin"),
     ("How many years did Oskar Vell serve as mayor?", "Oskar Vell", "14"),
     ("How long does the Tamsin Ferry take to cross the Gull Strait?", "Tamsin Ferry", "35 minutes"),
     ("How many passengers can the Tamsin Ferry carry?", "Tamsin Ferry", "220"),
@@ -455,6 +465,29 @@ _FACT_QUESTIONS = [
     ("Who installed the clock of Dunmore Tower?", "Dunmore Tower", "Tobias Wren"),
     ("How many species of moss did Ilse Marren catalogue?", "Ilse Marren", "1200"),
     ("Which rare bird lives in the Harrow Valley?", "Harrow Valley", "the silver heron"),
+    ("At what time does the Fennick Market open?", "Fennick Market", "6 in the morning"),
+    ("How many stalls does the Fennick Market have?", "Fennick Market", "140"),
+    ("How long is the journey on the Quill Railway?", "Quill Railway", "95 minutes"),
+    ("Which towns does the Quill Railway link?", "Quill Railway", "Mellin and Dunmore"),
+    ("In which year was Saltmere Castle built?", "Saltmere Castle", "1402"),
+    ("Who built Saltmere Castle?", "Saltmere Castle", "Duke Aldric"),
+    ("How many towers does Saltmere Castle have?", "Saltmere Castle", "7"),
+    ("How large is the Orrin Glacier?", "Orrin Glacier", "64 square kilometres"),
+    ("Which river does the Orrin Glacier feed?", "Orrin Glacier", "the Pellin River"),
+    ("How many musicians does the Tessaly Orchestra have?", "Tessaly Orchestra", "88"),
+    ("Who conducts the Tessaly Orchestra?", "Tessaly Orchestra", "Mira Halden"),
+    ("How many people does Wexford Stadium seat?", "Wexford Stadium", "41000"),
+    ("When did Wexford Stadium open?", "Wexford Stadium", "1997"),
+    ("How long is the Bluefin Canal?", "Bluefin Canal", "23 kilometres"),
+    ("How many locks does the Bluefin Canal have?", "Bluefin Canal", "12"),
+    ("How many clocks does the Ravel Museum display?", "Ravel Museum", "3400"),
+    ("Who collected the clocks in the Ravel Museum?", "Ravel Museum", "Tobias Wren"),
+    ("In which sea does the Isle of Marrow lie?", "Isle of Marrow", "the Sea of Corra"),
+    ("How many villages are on the Isle of Marrow?", "Isle of Marrow", "2"),
+    ("How many oak trees grow in Copperleaf Park?", "Copperleaf Park", "500"),
+    ("What is the pond in Copperleaf Park called?", "Copperleaf Park", "the Mirror"),
+    ("What is the average salinity of the Sea of Corra?", "Sea of Corra", "31 grams per litre"),
+    ("What is the motto of Greywick School?", "Greywick School", "Patience builds towers"),
 ]
 _NO_TOOL = [
     ("What is the capital of France?", "Paris"),
@@ -469,13 +502,34 @@ _NO_TOOL = [
     ("How many sides does a triangle have?", "3"),
     ("What do bees make?", "honey"),
     ("What is the freezing point of water in degrees Celsius?", "0"),
+    ("What is the capital of Italy?", "Rome"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Spain?", "Madrid"),
+    ("How many months are there in a year?", "12"),
+    ("How many hours are there in a day?", "24"),
+    ("How many seconds are there in a minute?", "60"),
+    ("What colour is the sky on a clear day?", "blue"),
+    ("What colour do you get by mixing red and white?", "pink"),
+    ("What is the opposite of 'up'?", "down"),
+    ("What is the opposite of 'open'?", "closed"),
+    ("How many legs does a dog have?", "4"),
+    ("How many wheels does a bicycle have?", "2"),
+    ("How many sides does a square have?", "4"),
+    ("Which animal is known as the king of the jungle?", "lion"),
+    ("Which planet do we live on?", "Earth"),
+    ("What gas do plants take in from the air?", "carbon dioxide"),
+    ("What is the boiling point of water in degrees Celsius?", "100"),
+    ("What is the last letter of the English alphabet?", "Z"),
+    ("What is frozen water called?", "ice"),
+    ("How many continents are there?", "7"),
 ]
 
 TOOL_SPECS: list[dict] = [
     {"name": "calculator", "description": "Evaluate an arithmetic expression with + - * / // % ** and parentheses.",
      "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. (12 + 3) * 4"}},
                     "required": ["expression"], "additionalProperties": False}},
-    {"name": "lookup", "description": "Look up a fact in the document store; returns the best-matching document.",
+    {"name": "lookup", "description": "Look up a fact in the document store; returns the best-matching document. "
+                                      "The store holds one document on each of: " + ", ".join(DOC_STORE) + ".",
      "parameters": {"type": "object", "properties": {"query": {"type": "string", "description": "what to look up"}},
                     "required": ["query"], "additionalProperties": False}},
 ]
@@ -515,7 +569,7 @@ def _episode(rng: random.Random) -> dict:
         steps = [("I need to compute this exactly, so I use the calculator.", "calculator", {"expression": expression}, answer)]
     elif kind == "lookup":
         question, key, answer = rng.choice(_FACT_QUESTIONS)
-        steps = [("This is a fact about the document store; I look it up.", "lookup", {"query": key},
+        steps = [(f"The store lists {key}, so I look it up.", "lookup", {"query": question},
                   f"{key}: {DOC_STORE[key]}")]
     else:
         question, answer = rng.choice(_NO_TOOL)
@@ -524,7 +578,7 @@ def _episode(rng: random.Random) -> dict:
     for thought, tool, args, observation in steps:
         lines += [f"Thought: {thought}", f"Action: {tool}", f"Action Input: {json.dumps(args)}",
                   f"Observation: {observation}"]
-    lines += ["Thought: I know the answer." if steps else "Thought: I know this without a tool.",
+    lines += ["Thought: I know the answer." if steps else "Thought: The store lists nothing on this, so I answer myself.",
               f"Final Answer: {answer}"]
     return {"question": question, "answer": answer, "tool": kind, "transcript": "\n".join(lines)}
 
