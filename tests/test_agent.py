@@ -538,6 +538,7 @@ def test_merge_adapter_reads_both_adapter_formats(kind, tmp_path):
 
 
 def test_tool_use_adapter_trains_once_then_comes_from_the_cache():
+    import torch
     from safetensors.torch import load_file
 
     recipe = A.AdapterRecipe(n_episodes=6, max_steps=1, batch_size=1, target_modules=("q_proj", "down_proj"))
@@ -547,10 +548,13 @@ def test_tool_use_adapter_trains_once_then_comes_from_the_cache():
         keys = load_file(path).keys()
         assert {k.split(".")[-3] for k in keys} == {"q_proj", "down_proj"}  # ...layers.N.<module>.lora_A.weight
         assert len(keys) == 2 * 2 * 30  # A and B, two modules, 30 blocks of SmolLM2-135M
-        stamp = path.stat().st_mtime_ns
+        stamp, first = path.stat().st_mtime_ns, load_file(path)
         assert A.tool_use_adapter(recipe) == path and path.stat().st_mtime_ns == stamp  # found, not trained again
-    finally:
         path.unlink()
+        again = load_file(A.tool_use_adapter(recipe))  # trained again: the same recipe, the same weights
+        assert all(torch.equal(again[k], first[k]) for k in first)
+    finally:
+        path.unlink(missing_ok=True)
     with pytest.raises(ValueError, match="max_steps"):
         A.AdapterRecipe(max_steps=0)
 

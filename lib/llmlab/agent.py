@@ -930,8 +930,10 @@ def tool_use_adapter(recipe: AdapterRecipe | None = None, device: str = "auto", 
     repeated until each kind (calculator, lookup, no tool) weighs the same: otherwise the
     model learns to call the calculator and to answer everything else from "memory".
     """
-    from llmlab import assets, data, lora, train
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab import assets, data, lora, train
 
     recipe = recipe or AdapterRecipe()
     path = assets.home() / "adapters" / f"{recipe.base}-tool-use-{recipe.key()}.safetensors"
@@ -950,6 +952,7 @@ def tool_use_adapter(recipe: AdapterRecipe | None = None, device: str = "auto", 
     conversations = [group[i % len(group)] for group in by_tool.values() for i in range(largest)]
     examples = lora.chat_dataset(tokenizer, conversations, recipe.max_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(recipe.seed)  # lora_A's init: the same recipe gives the same adapter
     lora.inject(model, recipe.target_modules, r=recipe.r, lora_alpha=recipe.lora_alpha)
     cfg = train.TrainConfig(max_steps=recipe.max_steps, batch_size=recipe.batch_size, lr=recipe.lr,
                             min_lr=recipe.lr / 10, warmup_steps=max(1, recipe.max_steps // 10), weight_decay=0.0,
