@@ -31,7 +31,7 @@ course: $(STAMP) system
 test: $(STAMP) system
 	$(BIN)/llmlab assets fetch
 	$(BIN)/llmlab assets path course-gpt >/dev/null 2>&1 || $(BIN)/llmlab build course-gpt --quick
-	$(BIN)/llmlab build tool-use-adapter  # lab 6's LoRA: trained once (~10 min), then found in the cache
+	$(BIN)/llmlab build tool-use-adapter  # lab 6's LoRA: trained once (12-17 min on 2 cores), then cached
 	$(BIN)/python -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

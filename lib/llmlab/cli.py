@@ -183,7 +183,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     cmd_assets(argparse.Namespace(action="fetch", names=[], force=False))
     if not assets.is_cached("course-gpt"):  # later labs load it; the QUICK build takes ~30 s
         cmd_build(argparse.Namespace(name="course-gpt", quick=True, seed=0))
-    cmd_build(argparse.Namespace(name="tool-use-adapter"))  # lab 6's LoRA: ~10 min on a CPU once, then cached
+    cmd_build(argparse.Namespace(name="tool-use-adapter"))  # lab 6's LoRA: 12-17 min on 2 cores once, then cached
     print("== release")
     for path in course.release():
         print(f"released {path.relative_to(course.root())}")
