@@ -895,7 +895,7 @@ class AdapterRecipe:
 
     base: str = "smollm2-135m-instruct"  # asset name of the model adapted
     n_episodes: int = 120  # distinct training episodes (data.tool_episodes, split "train")
-    max_steps: int = 50  # optimizer steps (the training loss is ~0.003 by step 40)
+    max_steps: int = 50  # optimizer steps (the training loss is below 0.1 by step 35)
     batch_size: int = 4  # examples (assistant turns) per step
     lr: float = 2e-3
     r: int = 8
