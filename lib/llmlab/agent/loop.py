@@ -1,0 +1,203 @@
+"""The ReAct loop with its limits, its traces, and evaluation on an episode suite.
+
+`Agent.run(question) -> Trace`: step limit, wall-clock budget, a status ("answered",
+"max_steps", "timeout", "error") and a readable transcript; `evaluate` scores a suite with
+normalised answer matching.
+"""
+from __future__ import annotations
+
+import html
+import math
+import re
+import string
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from llmlab.agent.backends import Backend
+from llmlab.agent.parse import STOP, Parsed, cut_reply, format_observation, parse_reply, system_prompt
+from llmlab.agent.policy import Policy
+from llmlab.agent.tools import ToolRegistry
+
+STATUSES = ("answered", "max_steps", "timeout", "error")
+
+
+@dataclass
+class Step:
+    """One model call and what came of it."""
+
+    reply: str  # what the model wrote, cut at any "Observation:"
+    parsed: Parsed
+    observation: str | None = None  # what the model was shown next (None after a final answer)
+    seconds: float = 0.0  # model call + tool call
+
+
+@dataclass
+class Trace:
+    """Everything one run did: the steps, how it ended, the answer."""
+
+    question: str
+    steps: list[Step] = field(default_factory=list)
+    status: str = ""  # one of STATUSES once the run is over
+    answer: str | None = None
+    error: str | None = None  # for status "error": what failed
+    seconds: float = 0.0
+
+    def render(self) -> str:
+        """The run as a plain-text transcript."""
+        lines = [f"Question: {self.question}"]
+        for i, step in enumerate(self.steps, 1):
+            lines.append(f"--- step {i} ({step.parsed.kind}, {step.seconds:.2f} s)")
+            lines.append(step.reply)
+            if step.observation is not None:
+                lines.append(step.observation)
+        lines.append(f"=== {self.status}" + (f": {self.answer}" if self.answer is not None else "")
+                     + (f" ({self.error})" if self.error else "") + f" in {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        colours = {"action": "#e8f0fe", "final": "#e6f4ea", "malformed": "#fce8e6"}
+        parts = [f"<div><b>Question:</b> {html.escape(self.question)}</div>"]
+        for i, step in enumerate(self.steps, 1):
+            body = html.escape(step.reply) + ("\n" + html.escape(step.observation) if step.observation else "")
+            parts.append(f'<pre style="background:{colours[step.parsed.kind]};padding:4px;margin:2px 0;'
+                         f'white-space:pre-wrap">[{i}: {step.parsed.kind}, {step.seconds:.2f} s]\n{body}</pre>')
+        end = f"{self.status}" + (f": {html.escape(self.answer)}" if self.answer is not None else "")
+        parts.append(f"<div><b>{end}</b> ({self.seconds:.2f} s){' — ' + html.escape(self.error) if self.error else ''}</div>")
+        return "\n".join(parts)
+
+
+class Agent:
+    """ReAct: the model thinks, calls a tool, reads the observation, repeats, answers.
+
+    Limits: at most `max_steps` model calls, and no new call once `time_budget_s` of wall
+    clock has passed. A reply the parser cannot read, an unknown tool, bad arguments, a
+    tool's error and a refused call all come back to the model as the next Observation,
+    so it can correct itself; only a failing backend ends the run with status "error".
+    """
+
+    def __init__(self, backend: Backend, tools: ToolRegistry, max_steps: int = 6, time_budget_s: float = 60.0,
+                 policy: Policy | None = None):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0, got {time_budget_s}")
+        self.backend, self.tools, self.max_steps, self.time_budget_s = backend, tools, max_steps, time_budget_s
+        self.policy = policy or Policy()
+
+    def messages(self, question: str) -> list[dict]:
+        """The conversation a run starts from: the system prompt (allowed tools only) and the question."""
+        allowed = self.tools.subset(self.policy.allowed(question, self.tools))
+        return [{"role": "system", "content": system_prompt(allowed)}, {"role": "user", "content": question}]
+
+    def run(self, question: str) -> Trace:
+        """Answer `question`; the trace says how the run ended and holds every step."""
+        trace = Trace(question)
+        messages = self.messages(question)
+        allowed = self.policy.allowed(question, self.tools)
+        start = time.perf_counter()
+        while True:
+            if len(trace.steps) >= self.max_steps:
+                trace.status = "max_steps"
+                break
+            if time.perf_counter() - start >= self.time_budget_s:
+                trace.status = "timeout"
+                break
+            step_start = time.perf_counter()
+            try:
+                reply = cut_reply(self.backend.complete(messages, stop=STOP))
+            except Exception as e:  # noqa: BLE001 — a network error, a crashed model: end the run, keep the trace
+                trace.status, trace.error = "error", f"{type(e).__name__}: {e}"
+                break
+            step = Step(reply, parse_reply(reply))
+            trace.steps.append(step)
+            if step.parsed.kind == "final":
+                trace.status, trace.answer = "answered", step.parsed.answer
+                step.seconds = time.perf_counter() - step_start
+                break
+            step.observation = self._observe(question, step.parsed, allowed)
+            step.seconds = time.perf_counter() - step_start
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": step.observation}]
+        trace.seconds = time.perf_counter() - start
+        return trace
+
+    def _observe(self, question: str, parsed: Parsed, allowed: list[str]) -> str:
+        """What the model sees after a non-final reply: the tool's output, or what went wrong."""
+        if parsed.kind == "malformed":
+            return f"Observation: Error: could not read your reply: {parsed.error}"
+        if parsed.tool not in allowed:
+            return f"Observation: Error: unknown tool {parsed.tool!r}; tools: {', '.join(allowed) or '(none)'}"
+        tool = self.tools[parsed.tool]
+        refusal = self.policy.refusal(question, tool, parsed.arguments)
+        if refusal:
+            return f"Observation: Refused by policy: {refusal}"
+        try:
+            return format_observation(self.tools.call(parsed.tool, parsed.arguments))
+        except Exception as e:  # noqa: BLE001 — a tool's failure is information for the model
+            return f"Observation: Error: {parsed.tool}: {e}"
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on an episode suite
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, no punctuation (digits' decimal points kept), no articles, single spaces, no thousands commas."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower().strip())
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
+    text = text.translate(str.maketrans({c: " " for c in string.punctuation if c != "."}))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+_COUNT = re.compile(r"(-?\d+(?:\.\d+)?)((?: [a-z]+){0,2})")  # a number and at most two unit words
+
+
+def answers_match(predicted: str | None, expected: str) -> bool:
+    """Normalised exact match; numbers compare by value (84.0 == 84), and a bare expected number
+    also accepts a unit after it ("41000 people" for 41000), while an expected unit must be there."""
+    if predicted is None:
+        return False
+    a, b = normalize_answer(predicted), normalize_answer(expected)
+    got, want = _COUNT.fullmatch(a), _COUNT.fullmatch(b)
+    if got and want and (got[2] == want[2] or not want[2]):
+        return math.isclose(float(got[1]), float(want[1]), rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
+@dataclass
+class EvalResult:
+    """An agent's record on an episode suite."""
+
+    success_rate: float  # fraction of episodes answered correctly
+    mean_steps: float  # model calls per episode
+    seconds_per_episode: float
+    statuses: dict[str, int]  # how the runs ended
+    traces: list[Trace]
+    correct: list[bool]
+
+
+def evaluate(agent: Agent, episodes: Sequence[dict]) -> EvalResult:
+    """Run `agent` on every episode ({"question", "answer", ...}); score by `answers_match`."""
+    if not episodes:
+        raise ValueError("episodes is empty")
+    traces = [agent.run(e["question"]) for e in episodes]
+    correct = [t.status == "answered" and answers_match(t.answer, e["answer"]) for t, e in zip(traces, episodes)]
+    statuses = {s: sum(t.status == s for t in traces) for s in STATUSES}
+    return EvalResult(sum(correct) / len(episodes), sum(len(t.steps) for t in traces) / len(traces),
+                      sum(t.seconds for t in traces) / len(traces), statuses, traces, correct)
+
+
+def episode_messages(episode: dict, tools: ToolRegistry) -> list[dict]:
+    """A `data.tool_episodes` transcript as the chat the agent has: system, question, then
+    one assistant turn per model call and one user turn per observation (wrapped as in the loop)."""
+    messages = [{"role": "system", "content": system_prompt(tools)}, {"role": "user", "content": episode["question"]}]
+    turn: list[str] = []
+    for line in episode["transcript"].split("\n"):
+        if line.startswith("Observation:"):
+            messages.append({"role": "assistant", "content": "\n".join(turn)})
+            messages.append({"role": "user", "content": format_observation(line[len("Observation:"):].strip())})
+            turn = []
+        else:
+            turn.append(line)
+    messages.append({"role": "assistant", "content": "\n".join(turn)})
+    return messages
