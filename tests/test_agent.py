@@ -541,8 +541,12 @@ def test_tool_use_adapter_trains_once_then_comes_from_the_cache():
     import torch
     from safetensors.torch import load_file
 
-    recipe = A.AdapterRecipe(n_episodes=6, max_steps=1, batch_size=1, target_modules=("q_proj", "down_proj"))
+    from llmlab.lora import LoraConfig
+
+    recipe = A.AdapterRecipe(n_episodes=6, max_steps=1, batch_size=1,
+                             lora=LoraConfig(target_modules=("q_proj", "down_proj")))
     assert recipe.key() != A.AdapterRecipe().key() != A.AdapterRecipe(lr=1e-3).key()
+    assert A.AdapterRecipe(lora=LoraConfig(r=4)).key() != A.AdapterRecipe(lora=LoraConfig(r=8)).key()
     path = A.tool_use_adapter(recipe)
     try:
         keys = load_file(path).keys()

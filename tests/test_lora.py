@@ -91,6 +91,34 @@ def test_dropout_acts_on_the_adapter_path_only():
         lora.LoRALinear(nn.Linear(6, 6), r=0)
 
 
+@pytest.mark.parametrize("fields,field", [
+    ({"r": 0}, "LoraConfig.r"), ({"r": 2.0}, "LoraConfig.r"), ({"r": True}, "LoraConfig.r"),
+    ({"lora_alpha": 0}, "LoraConfig.lora_alpha"), ({"lora_alpha": float("inf")}, "LoraConfig.lora_alpha"),
+    ({"lora_alpha": "16"}, "LoraConfig.lora_alpha"), ({"lora_dropout": 1.0}, "LoraConfig.lora_dropout"),
+    ({"lora_dropout": -0.1}, "LoraConfig.lora_dropout"), ({"target_modules": ()}, "LoraConfig.target_modules"),
+    ({"target_modules": ["q_proj", ""]}, "LoraConfig.target_modules"),
+    ({"target_modules": [3]}, "LoraConfig.target_modules"),
+])
+def test_lora_config_names_the_bad_field(fields, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        lora.LoraConfig(**fields)
+
+
+def test_inject_takes_a_lora_config_or_its_fields_as_keywords():
+    config = lora.LoraConfig(r=2, lora_alpha=6, lora_dropout=0.25, target_modules="q_proj")
+    assert config.target_modules == ("q_proj",) and config.scaling == 3.0
+    by_config, by_keywords = Nested(), Nested()
+    names = lora.inject(by_config, config)
+    assert names == lora.inject(by_keywords, ["q_proj"], r=2, lora_alpha=6, lora_dropout=0.25)
+    for model in (by_config, by_keywords):
+        layer = model.get_submodule(names[0])
+        assert (layer.r, layer.scaling, layer.lora_dropout.p) == (2, 3.0, 0.25)
+    with pytest.raises(TypeError, match="LoraConfig and keywords"):
+        lora.inject(Nested(), config, r=4)
+    with pytest.raises(ValueError, match="LoraConfig.r"):
+        lora.inject(Nested(), ["q_proj"], r=0)
+
+
 def test_merge_parity_and_unmerge_restores_the_weight():
     torch.manual_seed(0)
     model = Nested()

@@ -6,14 +6,15 @@ r much smaller than in and out. A starts random and B at zero, so at step 0 the 
 is exactly the pretrained one; only r * (in + out) numbers per layer are trained, and after
 training B A can be merged into W so inference costs nothing extra.
 
-Read top-down: the math as pure functions (init, forward, merged weight) -> `LoRALinear`, the
-layer that wraps an nn.Linear -> finding and replacing target layers by dotted name (`inject`)
+Read top-down: the math as pure functions (init, forward, merged weight) -> `LoraConfig`, what
+an adapter is -> `LoRALinear`, the layer that wraps an nn.Linear -> finding and replacing target
+layers by dotted name (`inject`)
 -> merge / unmerge -> trainable-parameter accounting -> adapter files -> peft interop ->
 instruction-tuning data (chat template, prompt tokens masked out of the loss) -> fine-tuning
 an encoder for classification.
 
-Names follow peft: `lora_A`, `lora_B`, `r`, `lora_alpha`, `scaling`, `base_layer`,
-`target_modules`, `merge`/`unmerge`, `merge_and_unload`.
+Names follow peft: `LoraConfig`, `lora_A`, `lora_B`, `r`, `lora_alpha`, `lora_dropout`, `scaling`,
+`base_layer`, `target_modules`, `merge`/`unmerge`, `merge_and_unload`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,6 +70,44 @@ def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 
 
 # ----------------------------------------------------------------------------------------
+# The configuration: which layers get an adapter, and its shape
+
+
+def _check_shape(r: Any, lora_alpha: Any, lora_dropout: Any, owner: str = "") -> None:
+    """ValueError naming the field (after `owner`, e.g. "LoraConfig.") unless r, lora_alpha, lora_dropout are valid."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{owner}r must be a positive int, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not 0 < lora_alpha < math.inf:
+        raise ValueError(f"{owner}lora_alpha must be a number > 0, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{owner}lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+@dataclass
+class LoraConfig:
+    """An adapter in peft's words: `LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))`."""
+
+    r: int = 8  # rank of the update B A
+    lora_alpha: float = 16  # the update is scaled by lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter's input (never on the frozen path)
+    # layers to wrap: a name matches when it is a target or ends with "." + a target (peft's rule)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        _check_shape(self.r, self.lora_alpha, self.lora_dropout, "LoraConfig.")
+        targets = self.target_modules
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"LoraConfig.target_modules must be non-empty names, got {self.target_modules!r}")
+        self.target_modules = targets
+
+    @property
+    def scaling(self) -> float:
+        """lora_alpha / r: what B A is multiplied by."""
+        return self.lora_alpha / self.r
+
+
+# ----------------------------------------------------------------------------------------
 # The layer
 
 
@@ -91,12 +130,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"base_layer: {_not_linear('base_layer', base_layer)}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        _check_shape(r, lora_alpha, lora_dropout)
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.lora_alpha = r, lora_alpha
@@ -193,26 +227,33 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject(model: nn.Module, target_modules: Sequence[str], r: int = 8, lora_alpha: float = 16,
-           lora_dropout: float = 0.0) -> list[str]:
-    """Freeze `model` and wrap each nn.Linear named by `target_modules` in a LoRALinear, in place.
+def inject(model: nn.Module, config: LoraConfig | Sequence[str], **fields: Any) -> list[str]:
+    """Freeze `model` and wrap each nn.Linear named by `config.target_modules` in a LoRALinear, in place.
 
-    Returns the dotted names of the wrapped layers. Raises ValueError if nothing matches, if a
-    match is not an nn.Linear (GPT-2's Conv1D, an embedding...) or if adapters are present already.
+    `config` is a LoraConfig, or the target_modules themselves with LoraConfig's other fields
+    as keywords: `inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)`. Returns the dotted
+    names of the wrapped layers. Raises ValueError if nothing matches, if a match is not an
+    nn.Linear (GPT-2's Conv1D, an embedding...) or if adapters are present already.
     """
+    if isinstance(config, LoraConfig):
+        if fields:
+            raise TypeError(f"inject got a LoraConfig and keywords {sorted(fields)}: set them in the config")
+    else:
+        config = LoraConfig(target_modules=config, **fields)
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; inject once (or merge_and_unload first)")
-    names = match_targets((n for n, _ in model.named_modules()), target_modules)
+    names = match_targets((n for n, _ in model.named_modules()), config.target_modules)
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
-        raise ValueError(f"target_modules={list(target_modules)!r} matched no module; "
+        raise ValueError(f"target_modules={list(config.target_modules)!r} matched no module; "
                          f"Linear layers here are named like {linear}")
     for name in names:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise ValueError(f"target_modules: {_not_linear(name, model.get_submodule(name))}")
     model.requires_grad_(False)  # everything frozen; the new lora_A / lora_B are the only trainables
     for name in names:
-        replace_submodule(model, name, LoRALinear(model.get_submodule(name), r, lora_alpha, lora_dropout))
+        layer = LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout)
+        replace_submodule(model, name, layer)
     check_injection(model, names)
     return names
 
@@ -302,7 +343,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     names = json.loads(meta["target_modules"])
     if not lora_layers(model):
-        inject(model, names, int(meta["r"]), float(meta["lora_alpha"]), float(meta["lora_dropout"]))
+        inject(model, LoraConfig(int(meta["r"]), float(meta["lora_alpha"]), float(meta["lora_dropout"]), names))
     expected = set(lora_state_dict(model))
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

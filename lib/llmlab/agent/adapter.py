@@ -1,14 +1,28 @@
 """The tool-use LoRA adapter: trained on the synthetic episodes, cached under `assets.home() / "adapters"`."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmlab.agent.loop import episode_messages
 from llmlab.agent.parse import OPEN, system_prompt
 from llmlab.agent.tools import default_tools
+
+if TYPE_CHECKING:  # llmlab.lora imports torch: only training needs it
+    from llmlab.lora import LoraConfig
+
+
+def _tool_use_lora() -> "LoraConfig":
+    """The adapter's shape: rank 8 on every linear layer (with q_proj and v_proj alone the model
+    learned the format but not *when* to look up)."""
+    from llmlab.lora import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"))
 
 
 @dataclass
@@ -20,15 +34,12 @@ class AdapterRecipe:
     max_steps: int = 50  # optimizer steps (the training loss is below 0.1 by step 35)
     batch_size: int = 4  # examples (assistant turns) per step
     lr: float = 2e-3
-    r: int = 8
-    lora_alpha: float = 16
-    # every linear layer: with q_proj and v_proj alone the model learned the format but not *when* to look up
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora: "LoraConfig" = field(default_factory=_tool_use_lora)  # r, lora_alpha, lora_dropout, target_modules
     max_len: int = 480  # tokens per training example (the longest turn with its prompt is ~470)
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_episodes", "max_steps", "batch_size", "r", "max_len"):
+        for name in ("n_episodes", "max_steps", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdapterRecipe.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -37,7 +48,7 @@ class AdapterRecipe:
         from llmlab import data
 
         episodes = data.tool_episodes(self.n_episodes, "train", seed=self.seed)
-        text = (json.dumps(self.__dict__, sort_keys=True, default=list) + json.dumps(episodes)
+        text = (json.dumps(dataclasses.asdict(self), sort_keys=True) + json.dumps(episodes)
                 + system_prompt(default_tools()) + OPEN)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -75,7 +86,7 @@ def tool_use_adapter(recipe: AdapterRecipe | None = None, device: str = "auto", 
     examples = lora.chat_dataset(tokenizer, conversations, recipe.max_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(recipe.seed)  # lora_A's init: the same recipe gives the same adapter
-    lora.inject(model, recipe.target_modules, r=recipe.r, lora_alpha=recipe.lora_alpha)
+    lora.inject(model, recipe.lora)
     cfg = train.TrainConfig(max_steps=recipe.max_steps, batch_size=recipe.batch_size, lr=recipe.lr,
                             min_lr=recipe.lr / 10, warmup_steps=max(1, recipe.max_steps // 10), weight_decay=0.0,
                             eval_interval=0, device=device, seed=recipe.seed, progress=progress)
