@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmlab.course import root
-from llmlab.grading import protocol, sanitize
+from llmlab.grading import protocol, sanitize, subset
 from llmlab.grading.sandbox import Sandbox, SandboxError, isolation
 
 
@@ -59,7 +59,7 @@ def test_answers_come_only_from_solution_cells_by_grade_id(tmp_path):
         nbformat.v4.new_code_cell("import builtins  # added cell")])
     path = tmp_path / "s.ipynb"
     nbformat.write(student, path)
-    answers, notes = sanitize.answers(path, template)
+    answers, notes = sanitize.answers(path.read_bytes(), template)
     assert answers == {"ex": "def f():\n    return 1"} and not notes
     spec, trusted = sanitize.build(template, answers, sanitize.policy(root(), template), tmp_path / "spec.json", {"QUICK": True})
     assert [c["source"] for c in spec["cells"]] == ["def f():\n    return 1"]  # no test, no added cell
@@ -68,13 +68,13 @@ def test_answers_come_only_from_solution_cells_by_grade_id(tmp_path):
 
 def test_static_check_names_forbidden_calls():
     forbidden = ["torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention", "llmlab.attention"]
-    assert "scaled_dot_product_attention" in sanitize.violation("def f(q, k, v):\n    return F.scaled_dot_product_attention(q, k, v)", forbidden)
-    assert "llmlab.attention" in sanitize.violation("from llmlab.attention import causal_mask", forbidden)
-    assert "MultiheadAttention" in sanitize.violation("m = torch.nn.MultiheadAttention(8, 2)", forbidden)
-    assert sanitize.violation("def scaled_dot_product_attention(q, k, v):\n    return q @ k.T @ v", forbidden) is None
+    assert "scaled_dot_product_attention" in subset.refusal("def f(q, k, v):\n    return F.scaled_dot_product_attention(q, k, v)", forbidden)
+    assert "llmlab.attention" in subset.refusal("from llmlab.attention import causal_mask", forbidden)
+    assert "MultiheadAttention" in subset.refusal("m = torch.nn.MultiheadAttention(8, 2)", forbidden)
+    assert subset.refusal("def scaled_dot_product_attention(q, k, v):\n    return q @ k.T @ v", forbidden) is None
 
 
-LIMITS = dict(memory_mb=2048, fsize_mb=8, cpu_s=300, nproc=128, output_bytes=4096, cell_s=8, call_s=8,
+LIMITS = dict(memory_mb=2048, fsize_mb=8, tmp_mb=64, reply_mb=16, cpu_s=300, nproc=128, output_bytes=4096, cell_s=8, call_s=8,
               total_s=120, threads=1, max_restarts=4)
 
 
@@ -158,5 +158,133 @@ def test_process_fallback_keeps_limits_and_verdicts(monkeypatch):
         with pytest.raises(SandboxError, match="exit code 3"):
             ns["bye"]()
         assert ns["f"](1) == 2
+    finally:
+        sb.close()
+
+
+def _sandbox(source: str, exports: list[str], limits: dict | None = None, secret: str = "s") -> tuple[Sandbox, dict]:
+    cells = [{"id": "a", "label": "cell 1", "exports": exports, "source": source}]
+    sb = Sandbox({"cells": cells, "limits": {**LIMITS, **(limits or {})}, "forbidden": [], "secret": secret})
+    sb.start()
+    ns: dict = {}
+    sb.bind(ns, "a")
+    return sb, ns
+
+
+def test_in_place_changes_reach_the_caller_as_in_a_notebook():
+    sb, ns = _sandbox("import torch\n"
+                      "def scale_(x, ys):\n    x.mul_(2)\n    ys[1].zero_()\n    return None\n"
+                      "def grow(x):\n    x.resize_(4)\n    x.fill_(7)\n    return x.sum()\n"
+                      "def pure(x):\n    return x * 2", ["scale_", "grow", "pure"])
+    try:
+        x, ys = torch.ones(3), [torch.ones(2), torch.ones(2)]
+        assert ns["scale_"](x, ys) is None
+        assert x.tolist() == [2.0, 2.0, 2.0] and ys[0].tolist() == [1.0, 1.0] and ys[1].tolist() == [0.0, 0.0]
+        z = torch.ones(2)
+        assert ns["grow"](z).item() == 28.0 and z.tolist() == [7.0] * 4
+        w = torch.ones(2)
+        ns["pure"](w)
+        assert w.tolist() == [1.0, 1.0]
+    finally:
+        sb.close()
+
+
+def test_subclasses_of_tuple_list_and_dict_cross_as_their_base_type():
+    sb, ns = _sandbox("import torch, collections\n"
+                      "P = collections.namedtuple('P', 'a b')\n"
+                      "def topk(x):\n    return torch.topk(x, 2)\n"
+                      "def named():\n    return P(1, torch.ones(1))\n"
+                      "def dicts():\n    d = collections.defaultdict(int, {'x': 1})\n"
+                      "    return d, collections.OrderedDict(y=2)\n"
+                      "def size():\n    return torch.ones(2, 3).shape\n", ["topk", "named", "dicts", "size"])
+    try:
+        values, indices = ns["topk"](torch.tensor([1.0, 5.0, 3.0]))
+        assert values.tolist() == [5.0, 3.0] and indices.tolist() == [1, 2]
+        a, b = ns["named"]()
+        assert a == 1 and type(b) is torch.Tensor
+        d, o = ns["dicts"]()
+        assert type(d) is dict and d == {"x": 1} and o == {"y": 2}
+        assert ns["size"]() == (2, 3)
+    finally:
+        sb.close()
+
+
+def test_a_worker_that_stops_reading_is_a_call_timeout():
+    sb, ns = _sandbox("import time, llmlab.grading.protocol as p\n"
+                      "def f(x):\n    return x\n"
+                      "def stop():\n    p.recv = lambda stream: time.sleep(10**6)\n    return 0", ["f", "stop"],
+                      {"call_s": 3})
+    try:
+        assert ns["stop"]() == 0
+        with pytest.raises(SandboxError, match="time limit"):
+            ns["f"](torch.zeros(4 << 20))  # 16 MB: far more than a pipe holds
+    finally:
+        sb.close()
+
+
+def test_replies_are_capped_on_the_grader_side():
+    sb, ns = _sandbox("import torch\ndef big():\n    return torch.zeros(8 << 20)\n"
+                      "def wordy():\n    return 'x' * (20 << 20)\n"
+                      "def chatty():\n    print('y' * 3000)\n    return 1", ["big", "wordy", "chatty"], {"reply_mb": 16})
+    try:
+        with pytest.raises(SandboxError, match="reply too large"):
+            ns["big"]()
+        with pytest.raises(SandboxError, match="reply too large"):
+            ns["wordy"]()
+    finally:
+        sb.close()
+
+
+def test_a_test_cell_has_one_output_budget_over_all_its_calls(capsys):
+    sb, ns = _sandbox("def chatty():\n    print('y' * 3000)\n    return 1", ["chatty"])
+    try:
+        sb.test("test-a")
+        for _ in range(5):
+            ns["chatty"]()
+        out = capsys.readouterr().out
+        assert LIMITS["output_bytes"] - 5 <= out.count("y") <= LIMITS["output_bytes"]
+        assert out.count("output truncated") == 1
+        sb.test("test-b")
+        ns["chatty"]()
+        assert capsys.readouterr().out.count("y") == 3000
+    finally:
+        sb.close()
+
+
+def test_hidden_tests_show_no_student_output_and_draw_secret_inputs(capsys):
+    real_seed, real_generator = torch.manual_seed, torch.Generator
+    torch.manual_seed(3)
+    plain = (torch.randn(3).tolist(), torch.randn(2, generator=torch.Generator().manual_seed(3)).tolist())
+    draws = []
+    for secret in ("one", "two"):
+        sb, ns = _sandbox("def leak(x):\n    print('INPUT', x.tolist())\n    raise ValueError(str(x.tolist()))",
+                          ["leak"], secret=secret)
+        try:
+            sb.test("test-a")
+            sb.hidden(True)
+            torch.manual_seed(3)
+            x = torch.randn(3)
+            y = torch.randn(2, generator=torch.Generator().manual_seed(3))
+            with pytest.raises(ValueError) as err:
+                ns["leak"](x)
+            sb.hidden(False)
+            draws.append((x.tolist(), y.tolist()))
+            assert "INPUT" not in capsys.readouterr().out and str(x.tolist()) not in str(err.value)
+            assert "not shown for hidden tests" in str(err.value)
+            assert torch.manual_seed is real_seed and torch.Generator is real_generator
+        finally:
+            sb.close()
+    assert draws[0] != draws[1], "the same hidden inputs under two secrets"
+    assert plain not in draws, "hidden inputs equal the plain seeded ones"
+
+
+@pytest.mark.skipif(isolation() != "bubblewrap", reason="the sized /tmp is a bubblewrap tmpfs")
+def test_a_1_gb_write_to_tmp_is_a_limit_hit():
+    sb, ns = _sandbox("def fill():\n    chunk = b'x' * (8 << 20)\n"
+                      "    for i in range(128):\n        with open(f'/tmp/f{i // 4}', 'ab') as f:\n"
+                      "            f.write(chunk)\n    return 'wrote 1 GiB'", ["fill"], {"fsize_mb": 64, "tmp_mb": 64})
+    try:
+        with pytest.raises(OSError, match="scratch space limit"):
+            ns["fill"]()
     finally:
         sb.close()

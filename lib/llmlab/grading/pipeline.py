@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,10 +31,13 @@ from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 
-from llmlab import course
-from llmlab.grading import sanitize
+from nbgrader.converters import Autograde
 
-STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from llmlab import course
+from llmlab.grading import feedback, libview, sanitize, similarity
+from llmlab.grading.hidden import MarkTests
+
+BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\*?\[\]]")  # control characters, paths and nbgrader's glob characters
 
 
 @dataclass
@@ -52,26 +57,116 @@ class Result:
     key: str = ""
 
 
-def discover(lab: str, submissions: Path) -> dict[str, dict[str, Path]]:
-    """Find submissions as SUBMISSIONS/<student>/[<lab>/]<notebook>.ipynb; return {student: {notebook: path}}."""
+class Refused(Exception):
+    """A submitted file that is not graded: a link, a FIFO, a device, too large."""
+
+
+def id_problem(name: str) -> str | None:
+    """Why `name` cannot be a student id (None when nbgrader can use it): any letters, no globs or paths."""
+    if name != name.strip() or not name:
+        return "starts or ends with whitespace"
+    if name.startswith("."):
+        return "starts with a dot"
+    if BAD_ID.search(name):
+        return "contains a control character, a slash or one of * ? [ ]"
+    if len(name.encode("utf-8")) > 128:
+        return "is longer than 128 bytes"
+    return None
+
+
+def discover(lab: str, submissions: Path) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
+    """Find SUBMISSIONS/<student>/[<lab>/]<notebook>.ipynb; return ({student: {notebook: path}}, {refused: why})."""
     submissions = Path(submissions)
     if not submissions.is_dir():
         raise course.CourseError(f"no submissions folder at {submissions}")
     names = [p.name for p in course.notebooks(lab, "labs")]
     found: dict[str, dict[str, Path]] = {}
-    for folder in sorted(p for p in submissions.iterdir() if p.is_dir()):
-        if not STUDENT_ID.match(folder.name):
-            raise course.CourseError(f"{folder.name!r} is not a usable student id (letters, digits, _ . -)")
-        base = folder / lab if (folder / lab).is_dir() else folder
-        found[folder.name] = {n: base / n for n in names}
-    return found
+    refused: dict[str, str] = {}
+    for entry in sorted(os.scandir(submissions), key=lambda e: e.name):
+        if entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+            continue  # .ipynb_checkpoints and the like
+        if entry.is_symlink():
+            refused[entry.name] = "the student folder is a symbolic link; only real folders are graded"
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        if why := id_problem(entry.name):
+            refused[entry.name] = f"{entry.name!r} is not a usable student id: it {why}"
+            continue
+        folder = Path(entry.path)
+        base = folder / lab if (folder / lab).is_dir() and not (folder / lab).is_symlink() else folder
+        found[entry.name] = {n: base / n for n in names}
+    return found, refused
 
 
-def _key(files: dict[str, Path], lab: str) -> str:
-    h = hashlib.sha256()
+def read_submitted(path: Path, submissions: Path, max_bytes: int) -> bytes:
+    """Read one submitted file without following links; Refused unless it is a regular file we may read."""
+    parts = Path(path).relative_to(submissions).parts
+    fd = os.open(submissions, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if last else os.O_DIRECTORY)
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) or os.path.islink(os.path.join(submissions, *parts[: i + 1])):
+                    raise Refused(f"{parts[-1]} is a symbolic link (or sits under one); only regular files are graded") from None
+                if e.errno == errno.ENOENT:
+                    raise FileNotFoundError(path) from None
+                raise Refused(f"{parts[-1]} could not be opened ({e.strerror})") from None
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+            raise Refused(f"{parts[-1]} is {kind}; only regular files are graded")
+        if st.st_nlink > 1 and _links_inside(submissions, st) < st.st_nlink:
+            raise Refused(f"{parts[-1]} is a hard link to a file outside the submissions folder; only the student's own files are graded")
+        if st.st_size > max_bytes:
+            raise Refused(f"{parts[-1]} is {st.st_size / 2**20:.1f} MiB, over the {max_bytes >> 20} MiB limit")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise Refused(f"{parts[-1]} grew past the {max_bytes >> 20} MiB limit while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _links_inside(folder: Path, st: os.stat_result) -> int:
+    """How many names under `folder` are hard links to the file `st` describes."""
+    count = 0
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            try:
+                other = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            count += (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev)
+    return count
+
+
+def _submitted(files: dict[str, Path], submissions: Path, max_bytes: int) -> dict[str, bytes | str]:
+    """{notebook: its bytes, or why it is not graded} for one student's files."""
+    out: dict[str, bytes | str] = {}
     for name, path in sorted(files.items()):
+        try:
+            out[name] = read_submitted(path, submissions, max_bytes)
+        except FileNotFoundError:
+            out[name] = f"{name} was not submitted; graded as empty"
+        except Refused as e:
+            out[name] = f"{e}; graded as empty"
+    return out
+
+
+def _key(contents: dict[str, bytes | str], lab: str) -> str:
+    h = hashlib.sha256()
+    for name, data in sorted(contents.items()):
         h.update(name.encode())
-        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+        h.update(data if isinstance(data, bytes) else b"<not graded>" + data.encode())
     for nb in course.notebooks(lab, "labs") + course.notebooks(lab, "solutions"):
         h.update(nb.read_bytes())
     h.update((course.root() / "grading" / "policy.toml").read_bytes())
@@ -101,12 +196,17 @@ def _gradebook():
     return Gradebook(cd.db_url, cd.course_id)
 
 
-def grade_one(lab: str, student: str, files: dict[str, Path], workers: int = 1) -> Result:
+def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path, workers: int = 1) -> Result:
     """Grade one student's submission of `lab` (runs in its own process; see `grade`)."""
     start = time.perf_counter()
     root, work = course.root(), course.work_dir()
-    result = Result(student, key=_key(files, lab), started=time.time())
+    policy = sanitize.policy(root, nbformat.read(course.notebooks(lab)[0], as_version=4))
+    contents = _submitted(files, Path(submissions), policy["submission_mb"] << 20)
+    result = Result(student, key=_key(contents, lab), started=time.time())
     api = course.nbgrader_api()
+    sanitizers = list(api.config.Autograde.get("sanitize_preprocessors", Autograde.class_traits()["sanitize_preprocessors"].default()))
+    at = next(i for i, p in enumerate(sanitizers) if getattr(p, "__name__", str(p)).endswith("OverwriteCells"))
+    api.config.Autograde.sanitize_preprocessors = sanitizers[: at + 1] + [MarkTests] + sanitizers[at + 1:]
     submitted = work / "submitted" / student / lab
     private = work / "grading" / lab / student
     submitted.mkdir(parents=True, exist_ok=True)
@@ -123,13 +223,14 @@ def grade_one(lab: str, student: str, files: dict[str, Path], workers: int = 1) 
         settings = sanitize.policy(root, source_nb)
         if not settings["threads"]:
             settings["threads"] = max(1, (os.cpu_count() or 1) // max(1, workers))
-        path = files.get(name)
-        student_answers, notes = sanitize.answers(path, template) if path and path.is_file() else (
-            {}, [f"{name} was not submitted; graded as empty"])
+        data = contents.get(name, f"{name} was not submitted; graded as empty")
+        student_answers, notes = sanitize.answers(data, template) if isinstance(data, bytes) else ({}, [data])
         result.notes += notes
         parameters = {"QUICK": True, "DEVICE": settings["device"], "SEED": settings["seed"]}
         spec_path = private / f"{Path(name).stem}.sandbox.json"
-        spec, trusted = sanitize.build(template, student_answers, settings, spec_path, parameters)
+        view = libview.build(template.metadata.get("llmlab", {}).get("forbidden", []), lab.split("-", 1)[-1],
+                             work / "grading" / "libviews")
+        spec, trusted = sanitize.build(template, student_answers, settings, spec_path, parameters, str(view))
         _write_atomic(spec_path, json.dumps(spec))
         nbformat.write(trusted, submitted / name)
         specs[name] = spec
@@ -148,7 +249,14 @@ def grade_one(lab: str, student: str, files: dict[str, Path], workers: int = 1) 
     outcome = feedback_api.generate_feedback(lab, student, force=True)
     if not outcome["success"]:
         result.notes.append("feedback could not be generated: " + _last_line(outcome.get("error") or ""))
-    _read_grades(lab, student, result)
+    pending = _read_grades(lab, student, result)
+    if result.manual_pending:
+        result.notes.append(f"{result.score:g}/{result.max_score:g} autograded, {len(result.manual_pending)} "
+                            f"written answer(s) to grade by hand: {', '.join(result.manual_pending)}")
+    for notebook, answers in pending.items():
+        page = work / "feedback" / student / lab / f"{notebook}.html"
+        if page.is_file():
+            feedback.mark_pending(page, answers)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -170,8 +278,9 @@ def _sandbox_notes(nb) -> list[str]:
     return notes
 
 
-def _read_grades(lab: str, student: str, result: Result) -> None:
-
+def _read_grades(lab: str, student: str, result: Result) -> dict[str, dict[str, float]]:
+    """Fill `result` from the gradebook; return {notebook: {written answer: points}} still to grade by hand."""
+    pending: dict[str, dict[str, float]] = {}
     with _gradebook() as gb:
         submission = gb.find_submission(lab, student)
         for notebook in submission.notebooks:
@@ -179,41 +288,46 @@ def _read_grades(lab: str, student: str, result: Result) -> None:
                 if grade.cell.cell_type == "markdown":  # written answers: the instructor grades these
                     if grade.needs_manual_grade:
                         result.manual_pending.append(grade.name)
+                        pending.setdefault(notebook.name, {})[grade.name] = float(grade.max_score)
                     continue
                 result.tests[grade.name] = float(grade.score)
                 result.score += float(grade.score)
                 result.max_score += float(grade.max_score)
                 if grade.score < grade.max_score:
                     result.failing.append(grade.name)
+    return pending
 
 
 def grade(lab: str, submissions: Path, workers: int = 1, force: bool = False, progress: bool = True,
           shard: tuple[int, int] = (0, 1)) -> list[Result]:
     """Grade every submission of `lab` under `submissions` (or shard i of n); resume unless `force`."""
     lab = course.lab_id(lab)
-    found = discover(lab, submissions)
-    if not found:
+    found, refused = discover(lab, submissions)
+    if not found and not refused:
         raise course.CourseError(f"no submissions in {submissions} (expected SUBMISSIONS/<student>/<notebook>.ipynb)")
     index, count = shard
-    found = {s: f for i, (s, f) in enumerate(sorted(found.items())) if i % count == index}
+    everyone = sorted([*found, *refused])
+    mine = {s for i, s in enumerate(everyone) if i % count == index}
+    found = {s: f for s, f in found.items() if s in mine}
     _ensure_gradebook(lab)
     out = results_dir(lab)
-    todo, results = [], {}
+    policy = sanitize.policy(course.root(), nbformat.read(course.notebooks(lab)[0], as_version=4))
+    todo, results = [], {s: Result(s, error=why) for s, why in refused.items() if s in mine}
     for student, files in found.items():
         done = out / f"{student}.json"
         if done.is_file() and not force:
             old = Result(**json.loads(done.read_text()))
-            if old.key == _key(files, lab) and old.error is None:
+            if old.key == _key(_submitted(files, Path(submissions), policy["submission_mb"] << 20), lab) and old.error is None:
                 results[student] = old
                 continue
         todo.append(student)
-    limit = sanitize.policy(course.root(), nbformat.read(course.notebooks(lab)[0], as_version=4))["submission_timeout_s"]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = {pool.submit(_grade_in_child, lab, s, Path(submissions), workers, limit): s for s in todo}
+        jobs = {pool.submit(_grade_in_child, lab, s, Path(submissions), workers, policy["submission_timeout_s"]): s
+                for s in todo}
         bar = tqdm(as_completed(jobs), total=len(jobs), desc=f"grading {lab}", unit="submission", disable=not progress)
         for job in bar:
             results[jobs[job]] = job.result()
-    return [results[s] for s in found]
+    return [results[s] for s in everyone if s in results]
 
 
 def _ensure_gradebook(lab: str) -> None:
@@ -244,8 +358,10 @@ def _grade_in_child(lab: str, student: str, submissions: Path, workers: int, lim
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            files = discover(lab, submissions)[student]
-            result = Result(student, key=_key(files, lab), error=f"grading took longer than {limit} s and was stopped")
+            files = discover(lab, submissions)[0][student]
+            policy = sanitize.policy(course.root(), nbformat.read(course.notebooks(lab)[0], as_version=4))
+            key = _key(_submitted(files, submissions, policy["submission_mb"] << 20), lab)
+            result = Result(student, key=key, error=f"grading took longer than {limit} s and was stopped")
             _write_atomic(done, json.dumps(asdict(result)))
             return result
         text = log.decode(errors="replace")
@@ -268,7 +384,7 @@ def _die_with_parent() -> None:
 
 
 def write_reports(lab: str, results: list[Result]) -> tuple[Path, Path]:
-    """Write the lab's grades CSV and nbgrader's whole-gradebook export; return both paths."""
+    """Write the lab's grades CSV, its similarity report and nbgrader's gradebook export; return the first and last."""
     from nbgrader.plugins import CsvExportPlugin
 
     reports = course.work_dir() / "reports"
@@ -279,6 +395,7 @@ def write_reports(lab: str, results: list[Result]) -> tuple[Path, Path]:
         writer.writerow([r.student, f"{r.score:g}", f"{r.max_score:g}", " ".join(r.failing), " | ".join(r.notes), r.error or ""])
     grades = reports / f"{lab}-grades.csv"
     _write_atomic(grades, buf.getvalue())
+    similarity.write(lab, reports)
     export = reports / "gradebook.csv"
     with _gradebook() as gb:
         CsvExportPlugin(to=str(export.with_suffix(".tmp"))).export(gb)
@@ -296,8 +413,9 @@ def summary(lab: str, results: list[Result]) -> str:
         detail = f"ERROR: {r.error}" if r.error else (", ".join(r.failing) or "-")
         if r.manual_pending and not r.error:
             detail += f"  [to grade by hand: {', '.join(r.manual_pending)}]"
-        if r.notes and not r.error:
-            detail += f"  ({r.notes[0]}{' …' if len(r.notes) > 1 else ''})"
+        notes = [n for n in r.notes if "to grade by hand" not in n]
+        if notes and not r.error:
+            detail += f"  ({notes[0]}{' …' if len(notes) > 1 else ''})"
         lines.append(f"{r.student:<{width}}  {r.score:>6g}  {r.max_score:>5g}  {detail[:100]}")
     return "\n".join(lines)
 
@@ -309,8 +427,8 @@ def _main() -> None:
     parser.add_argument("submissions", type=Path)
     parser.add_argument("workers", type=int)
     args = parser.parse_args()
-    files = discover(args.lab, args.submissions)[args.student]
-    result = grade_one(args.lab, args.student, files, args.workers)
+    files = discover(args.lab, args.submissions)[0][args.student]
+    result = grade_one(args.lab, args.student, files, args.submissions, args.workers)
     if result.error and "database is locked" in result.error:
         print(result.error)
         sys.exit(1)

@@ -34,12 +34,14 @@ def encode(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     def enc(v: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise ProtocolError("value nested too deeply")
-        if v is None or type(v) in (bool, str):
-            return v
-        if type(v) is int:
-            return {"int": str(v)} if abs(v) > 2**53 else v
-        if type(v) is float:
-            return v if math.isfinite(v) else {"float": repr(v)}
+        if v is None or isinstance(v, bool):  # subclasses of the plain types cross as their base type
+            return None if v is None else bool(v)
+        if isinstance(v, str):
+            return str(v)
+        if isinstance(v, int):
+            return {"int": str(int(v))} if abs(v) > 2**53 else int(v)
+        if isinstance(v, float):
+            return float(v) if math.isfinite(v) else {"float": repr(float(v))}
         if isinstance(v, np.generic):
             return enc(v.item(), depth)
         if isinstance(v, np.ndarray):
@@ -51,16 +53,36 @@ def encode(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             plain = torch.Tensor.as_subclass(v.detach(), torch.Tensor)  # drop any subclass
             tensors[key] = plain.to("cpu").contiguous().clone()
             return {"tensor": key}
-        if type(v) in (list, tuple):
-            return {type(v).__name__: [enc(x, depth + 1) for x in v]}
-        if type(v) is dict:
-            if not all(type(k) is str for k in v):
+        if isinstance(v, (list, tuple)):  # namedtuples, torch.Size, torch.return_types: as tuples
+            tag = "tuple" if isinstance(v, tuple) else "list"
+            return {tag: [enc(x, depth + 1) for x in (tuple(v) if tag == "tuple" else list(v))]}
+        if isinstance(v, dict):  # defaultdict, OrderedDict: as dicts
+            items = list(dict(v).items())
+            if not all(isinstance(k, str) for k, _ in items):
                 raise ProtocolError("dict keys must be strings")
-            return {"dict": [[k, enc(x, depth + 1)] for k, x in v.items()]}
+            return {"dict": [[str(k), enc(x, depth + 1)] for k, x in items]}
         raise ProtocolError(f"a value of type {type(v).__name__} cannot be graded "
                             "(return tensors, numbers, strings or lists/tuples/dicts of them)")
 
     return enc(value, 0), tensors
+
+
+def arrays_in(value: Any) -> list:
+    """The tensors and numpy arrays inside `value`, in the order `encode` numbers them."""
+    found: list = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, (torch.Tensor, np.ndarray)) and not (isinstance(v, np.ndarray) and v.dtype == object):
+            found.append(v)
+        elif isinstance(v, (list, tuple)) and not isinstance(v, str):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in dict(v).values():
+                walk(x)
+
+    walk(value)
+    return found
 
 
 def decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -89,15 +111,20 @@ def decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return dec(data, 0)
 
 
-def send(stream: BinaryIO, header: dict, value: Any = None) -> None:
-    """Write one message: `header` plus (optionally) an encoded `value`."""
+def message(header: dict, value: Any = None) -> bytes:
+    """One message as bytes: `header` plus (optionally) an encoded `value`."""
     blob = b""
     if value is not None or "value" in header:
         data, tensors = encode(value)
         header = {**header, "value": data}
         blob = st_save(tensors) if tensors else b""
     raw = json.dumps(header, allow_nan=False).encode()
-    stream.write(struct.pack("<II", len(raw), len(blob)) + raw + blob)
+    return struct.pack("<II", len(raw), len(blob)) + raw + blob
+
+
+def send(stream: BinaryIO, header: dict, value: Any = None) -> None:
+    """Write one message to a blocking stream."""
+    stream.write(message(header, value))
     stream.flush()
 
 
@@ -109,16 +136,16 @@ def parse(raw: bytes, blob: bytes) -> tuple[dict, Any]:
         raise ProtocolError(f"bad message header: {e}") from None
     if type(header) is not dict:
         raise ProtocolError("message header is not an object")
-    tensors = st_load(blob) if blob else {}
+    tensors = {k: t.clone() for k, t in st_load(blob).items()} if blob else {}  # own, resizable storage
     value = decode(header.pop("value"), tensors) if "value" in header else None
     return header, value
 
 
-def frame_sizes(prefix: bytes) -> tuple[int, int]:
-    """Read the 8-byte prefix; return (header bytes, blob bytes), refusing oversized frames."""
+def frame_sizes(prefix: bytes, limit: int = MAX_BLOB) -> tuple[int, int]:
+    """Read the 8-byte prefix; return (header bytes, blob bytes), refusing frames over `limit` bytes."""
     n_raw, n_blob = struct.unpack("<II", prefix)
-    if n_raw > MAX_HEADER or n_blob > MAX_BLOB:
-        raise ProtocolError(f"message too large ({n_raw} + {n_blob} bytes)")
+    if n_raw > MAX_HEADER or n_blob > MAX_BLOB or n_raw + n_blob > limit:
+        raise ProtocolError(f"reply too large ({n_raw + n_blob:,} bytes; the limit is {limit:,})")
     return n_raw, n_blob
 
 

@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmlab.grading import protocol
+from llmlab.grading import hidden, protocol
 
 SANDBOX_UID_BASE = 61000  # unprivileged uids for student code when the grader runs as root
+MAX_MESSAGE = 4000  # characters of a student's exception message that reach the grader
 
 
 class SandboxError(RuntimeError):
@@ -57,12 +58,16 @@ def isolation() -> str:
     return "bubblewrap" if _BWRAP else "process"
 
 
-def _readable_roots() -> list[str]:
-    """Folders the student's Python needs to see, read-only: system, interpreter, libraries."""
+def library_root() -> str:
+    """The folder that holds the `llmlab` package (where a lab's view of the library is mounted)."""
     import llmlab
 
-    roots = ["/usr", "/bin", "/lib", "/lib64", "/etc", sys.base_prefix, sys.prefix,
-             str(Path(llmlab.__file__).resolve().parent.parent)]
+    return str(Path(llmlab.__file__).resolve().parent.parent)
+
+
+def _readable_roots() -> list[str]:
+    """Folders the student's Python needs to see, read-only: system, interpreter, libraries."""
+    roots = ["/usr", "/bin", "/lib", "/lib64", "/etc", sys.base_prefix, sys.prefix, library_root()]
     from llmlab import assets
 
     if assets.home().is_dir():
@@ -96,14 +101,18 @@ def explain_error(text: str, limits: dict) -> str:
     """Turn a raw error line from the student's process into what a student should read."""
     if "MemoryError" in text or "can't allocate memory" in text or "out of memory" in text.lower():
         return f"out of memory (limit {limits['memory_mb'] / 1024:g} GiB)"
+    if "No space left on device" in text:
+        return f"scratch space limit ({limits.get('tmp_mb', '?')} MiB of /tmp) exceeded"
+    if "File too large" in text:
+        return f"file size limit ({limits['fsize_mb']} MiB) exceeded"
     return text
 
 
 class _Process:
     """One running worker: launch, message reads with deadlines, output drain, hard kill."""
 
-    def __init__(self, limits: dict, uid: int):
-        self.limits, self.uid = limits, uid
+    def __init__(self, limits: dict, uid: int, view: str | None = None):
+        self.limits, self.uid, self.view = limits, uid, view
         self.proc = self._launch()
         self.buffer = b""
         self.sel = selectors.DefaultSelector()
@@ -128,7 +137,8 @@ class _Process:
             if not root:
                 cmd.append("--unshare-user")
             # /proc, /dev and a private /tmp first: binds below may live under /tmp (a checkout there)
-            cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+            cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777",
+                    "--size", str(lim["tmp_mb"] << 20), "--tmpfs", "/tmp"]
             made: set[str] = {"/tmp", "/proc", "/dev"}
             for path in _readable_roots():
                 for parent in reversed(Path(path).parents):
@@ -136,7 +146,8 @@ class _Process:
                     if p != "/" and p not in made:
                         made.add(p)
                         cmd += ["--perms", "0755", "--dir", p]
-                cmd += ["--ro-bind", path, path]
+                source = self.view if self.view and path == library_root() else path
+                cmd += ["--ro-bind", source, path]
             cmd += ["--chdir", "/tmp"]
             cmd += drop + python
         else:  # fallback: limits and a private scratch folder, but no namespaces (grading/README.md)
@@ -166,6 +177,7 @@ class _Process:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, cwd=scratch, preexec_fn=limit, pass_fds=(w, 3), start_new_session=True)
         os.close(w)
+        os.set_blocking(proc.stdin.fileno(), False)  # writes keep a deadline too (see send)
         self.replies = os.fdopen(r, "rb", buffering=0)
         return proc
 
@@ -175,11 +187,29 @@ class _Process:
             if len(self.stray) < 64 << 10:
                 self.stray += chunk[: (64 << 10) - len(self.stray)]
 
-    def send(self, header: dict, value: Any = None) -> None:
-        protocol.send(self.proc.stdin, header, value)
+    def send(self, header: dict, value: Any = None, deadline: float | None = None) -> None:
+        """Write one message before `deadline`: a worker that stops reading is a TimeoutError, not a hang."""
+        data = memoryview(protocol.message(header, value))
+        fd = self.proc.stdin.fileno()
+        deadline = deadline if deadline is not None else time.monotonic() + self.limits["call_s"]
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_WRITE)
+            while data:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise TimeoutError
+                try:
+                    data = data[os.write(fd, data[: 1 << 16]):]
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    raise EOFError from None
 
     def recv(self, deadline: float) -> tuple[dict, Any]:
-        """Read the next message before `deadline` (time.monotonic); TimeoutError / EOFError otherwise."""
+        """Read the next message before `deadline` (time.monotonic); TimeoutError / EOFError otherwise.
+
+        A reply larger than the policy's `reply_mb` is a ProtocolError, whatever the header claims.
+        """
 
         def need(n: int) -> bytes:
             while len(self.buffer) < n:
@@ -193,7 +223,7 @@ class _Process:
             data, self.buffer = self.buffer[:n], self.buffer[n:]
             return data
 
-        n_raw, n_blob = protocol.frame_sizes(need(8))
+        n_raw, n_blob = protocol.frame_sizes(need(8), self.limits.get("reply_mb", 64) << 20)
         return protocol.parse(need(n_raw), need(n_blob))
 
     def kill(self) -> int | None:
@@ -212,7 +242,7 @@ class _Process:
             for f in (self.proc.stdin, self.replies):
                 try:
                     f.close()
-                except OSError:
+                except (OSError, ValueError):
                     pass
 
     def exit_code(self, wait: float = 2.0) -> int | None:
@@ -265,6 +295,10 @@ class Sandbox:
         self.broken: dict[str, str] = {}  # function -> why its earlier call was stopped
         self.proc: _Process | None = None
         self.cell_seconds = 0.0  # time spent running cells, over all restarts (capped by total_s)
+        self.printed = 0  # characters of student output shown in the current test cell
+        self.quiet = False  # inside hidden tests: no student output, no student messages
+        self.seeds = hidden.SecretSeeds(spec.get("secret", ""))
+        self.current_test = ""
 
     @classmethod
     def from_file(cls, path: str) -> "Sandbox":
@@ -287,13 +321,13 @@ class Sandbox:
             if self.restarts > lim["max_restarts"]:
                 raise SandboxError(f"the submission crashed its sandbox {self.restarts} times; giving up")
             cells = [c for c in self.spec["cells"] if c["id"] not in self.failures]
-            self.proc = _Process(lim, self.uid)
+            self.proc = _Process(lim, self.uid, self.spec.get("libview"))
             current = None
             began = time.monotonic()
             end_all = began + max(lim["total_s"] - self.cell_seconds, lim["cell_s"])
             try:
                 self.proc.send({"cells": cells, "forbidden": self.spec.get("forbidden", []),
-                                "output_bytes": lim["output_bytes"], "threads": lim["threads"]})
+                                "output_bytes": lim["output_bytes"], "threads": lim["threads"]}, deadline=end_all)
                 while True:
                     deadline = min(end_all, time.monotonic() + lim["cell_s"]) if current else end_all
                     msg, _ = self.proc.recv(deadline)
@@ -347,8 +381,9 @@ class Sandbox:
                 self.fatal = str(e)
                 raise
         try:
-            self.proc.send({"call": name}, (tuple(args), dict(kwargs)))
-            header, value = self.proc.recv(time.monotonic() + lim["call_s"])
+            deadline = time.monotonic() + lim["call_s"]
+            self.proc.send({"call": name}, (tuple(args), dict(kwargs)), deadline=deadline)
+            header, value = self.proc.recv(deadline)
         except TimeoutError:
             self.proc.kill()
             self.proc = None
@@ -358,17 +393,47 @@ class Sandbox:
             rc = self.proc.exit_code()
             self.proc.kill()
             self.proc = None
-            why = str(e) if isinstance(e, protocol.ProtocolError) else _describe_exit(rc, lim)
+            why = explain_error(str(e), lim) if isinstance(e, protocol.ProtocolError) else _describe_exit(rc, lim)
             self.broken[name] = f"{name}: {why}"
             raise SandboxError(self.broken[name]) from None
-        if header.get("output"):
-            print(header["output"], end="" if header["output"].endswith("\n") else "\n")
+        self._show(str(header.get("output") or ""))
         if header.get("ok"):
-            return value
-        kind, message = header.get("type", ""), header.get("error", "")
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise SandboxError(f"{name}: malformed reply from the sandbox")
+            result, changed = value
+            _write_back((args, kwargs), changed)
+            return result
+        kind, message = str(header.get("type", "")), str(header.get("error", ""))[:MAX_MESSAGE]
+        if self.quiet:  # a hidden test: the student's own words could carry the hidden inputs out
+            raise _rebuild(kind, f"{kind or 'an error'} raised by your function (messages are not shown for hidden tests)")
         message = "" if message == kind else message
         explained = explain_error(f"{kind}: {message}", lim)
         raise _rebuild(kind, message if explained.startswith(kind) else explained)
+
+    def _show(self, output: str) -> None:
+        """Print what the student's function printed, within the test cell's output budget."""
+        if not output or self.quiet:
+            return
+        room = max(0, self.limits["output_bytes"] - self.printed)
+        shown = output[:room]
+        self.printed += len(output)
+        if len(output) > room and self.printed - len(output) <= self.limits["output_bytes"]:
+            shown += "\n[output truncated: this test cell printed more than the limit]"
+        if shown:
+            print(shown, end="" if shown.endswith("\n") else "\n")
+
+    def test(self, grade_id: str) -> None:
+        """Called by the trusted notebook at the top of each test cell: a fresh output budget."""
+        self.hidden(False)
+        self.current_test, self.printed = grade_id, 0
+
+    def hidden(self, on: bool) -> None:
+        """Called around the hidden part of a test cell: quiet, and seeds mixed with the secret."""
+        self.quiet = bool(on)
+        if on:
+            self.seeds.enter(self.current_test)
+        else:
+            self.seeds.exit()
 
     def bind(self, namespace: dict, cell_id: str) -> None:
         """Stand-in for a solution cell in the trusted kernel: show its output, define proxies."""
@@ -386,6 +451,28 @@ class Sandbox:
         if self.proc is not None:
             self.proc.kill()
             self.proc = None
+
+
+def _write_back(arguments: Any, changed: list) -> None:
+    """Make the caller's tensors show what the student's function did to them in place."""
+    import numpy as np
+    import torch
+
+    originals = protocol.arrays_in(arguments)
+    for item in changed if isinstance(changed, list) else []:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) and 0 <= item[0] < len(originals)):
+            continue
+        original, new = originals[item[0]], item[1]
+        if not isinstance(new, torch.Tensor):
+            continue
+        with torch.no_grad():
+            if isinstance(original, np.ndarray):
+                if original.shape == tuple(new.shape):
+                    original[...] = new.numpy()
+            elif original.shape == new.shape and original.dtype == new.dtype:
+                original.copy_(new)
+            else:
+                original.data = new
 
 
 def _rebuild(type_name: str, message: str) -> Exception:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import json
+import secrets
 import tomllib
 from pathlib import Path
 
 import nbformat
 from nbformat import NotebookNode
+
+from llmlab.grading import subset
+from llmlab.grading.hidden import unmark
 
 STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 
@@ -65,14 +68,14 @@ def is_parameters(cell: NotebookNode) -> bool:
     return "parameters" in cell.metadata.get("tags", [])
 
 
-def answers(path: Path, template: NotebookNode) -> tuple[dict[str, str], list[str]]:
+def answers(raw: bytes, template: NotebookNode) -> tuple[dict[str, str], list[str]]:
     """Return ({grade_id: source} of the student's solution cells, notes about what was ignored)."""
     wanted = {nbgrader_meta(c)["grade_id"]: c.cell_type for c in template.cells if is_solution(c)}
     notes: list[str] = []
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        cells = raw["cells"] if isinstance(raw, dict) and isinstance(raw.get("cells"), list) else []
-    except (OSError, ValueError) as e:
+        data = json.loads(raw.decode("utf-8"))
+        cells = data["cells"] if isinstance(data, dict) and isinstance(data.get("cells"), list) else []
+    except ValueError as e:
         return {}, [f"the submission is not a readable notebook ({type(e).__name__}); graded as empty"]
     found: dict[str, str] = {}
     for cell in cells:
@@ -82,11 +85,37 @@ def answers(path: Path, template: NotebookNode) -> tuple[dict[str, str], list[st
         gid = meta.get("grade_id") if isinstance(meta, dict) else None
         if gid in wanted and gid not in found and cell.get("cell_type") == wanted[gid]:
             source = cell.get("source", "")
-            found[gid] = "".join(source) if isinstance(source, list) else str(source)
+            found[gid] = "".join(map(str, source)) if isinstance(source, list) else str(source)
     missing = sorted(set(wanted) - set(found))
     if missing:
         notes.append(f"answer cells not found (deleted or retagged?), graded as empty: {', '.join(missing)}")
     return found, notes
+
+
+SAFE_TAGS = ["a", "abbr", "b", "blockquote", "br", "code", "del", "div", "em", "h1", "h2", "h3", "h4", "h5",
+             "h6", "hr", "i", "img", "li", "ol", "p", "pre", "span", "strong", "sub", "sup", "table", "tbody",
+             "td", "th", "thead", "tr", "ul"]
+
+
+def clean_answer(markdown: str) -> str:
+    """A written answer as inert HTML: rendered from markdown, then cleaned (no scripts, handlers or js: links)."""
+    import bleach
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+
+    return bleach.clean(markdown2html_mistune(markdown), tags=SAFE_TAGS,
+                        attributes={"a": ["href", "title"], "img": ["src", "alt", "title"]},
+                        protocols=["http", "https", "mailto"], strip_comments=True)
+
+
+def clean_outputs(nb: NotebookNode) -> NotebookNode:
+    """Drop script outputs and clean HTML outputs of every code cell (nbconvert's sanitizer)."""
+    from nbconvert.preprocessors.sanitize import SanitizeHTML
+
+    sanitizer = SanitizeHTML(tags=SAFE_TAGS)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = sanitizer.sanitize_code_outputs(cell.get("outputs", []))
+    return nb
 
 
 def exports(template_source: str) -> list[str]:
@@ -98,53 +127,8 @@ def exports(template_source: str) -> list[str]:
     return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
-def _is_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return "?"
-
-
-def violation(source: str, forbidden: list[str]) -> str | None:
-    """Return why `source` reaches for a forbidden ready-made answer (static check), or None.
-
-    A second line of defence: the sandbox also trips at run time when a forbidden function
-    is called, however it was reached.
-    """
-    modules = [name for name in forbidden if _is_module(name)]
-    leaves = {name.rsplit(".", 1)[-1]: name for name in forbidden if name not in modules}
-    in_module = lambda m: any(m == mod or m.startswith(mod + ".") for mod in modules)  # noqa: E731
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return None  # the sandbox reports the syntax error itself
-    for node in ast.walk(tree):
-        hit = None
-        if isinstance(node, ast.Attribute):
-            dotted = _dotted(node)
-            hit = leaves.get(node.attr) or (dotted if in_module(dotted) else None)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            for alias in node.names:
-                full = f"{node.module}.{alias.name}"
-                hit = hit or (full if in_module(node.module) or in_module(full) else leaves.get(alias.name))
-        elif isinstance(node, ast.Import):
-            hit = next((a.name for a in node.names if in_module(a.name)), None)
-        if hit:
-            return (f"line {node.lineno}: your code uses {hit}; "
-                    "this exercise asks you to implement it yourself")
-    return None
-
-
 def build(template: NotebookNode, student: dict[str, str], settings: dict, spec_path: Path,
-          parameters: dict) -> tuple[dict, NotebookNode]:
+          parameters: dict, libview: str | None = None) -> tuple[dict, NotebookNode]:
     """Return (sandbox spec, trusted notebook) for one submission of one notebook."""
     forbidden = template.metadata.get("llmlab", {}).get("forbidden", [])
     injected = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
@@ -154,8 +138,9 @@ def build(template: NotebookNode, student: dict[str, str], settings: dict, spec_
         meta = nbgrader_meta(cell)
         label = f"cell {index + 1}"
         if cell.cell_type == "markdown":
-            if is_solution(cell):
-                cell.source = student.get(meta["grade_id"], cell.source)
+            answer = student.get(meta.get("grade_id"), cell.source) if is_solution(cell) else cell.source
+            if is_solution(cell) and answer != cell.source:  # unchanged stubs stay as they are (nbgrader scores them 0)
+                cell.source = clean_answer(answer)
             continue
         if cell.cell_type != "code":
             continue
@@ -172,9 +157,10 @@ def build(template: NotebookNode, student: dict[str, str], settings: dict, spec_
             gid = meta["grade_id"]
             source = student.get(gid, cell.source)
             names = exports(cell.source)
-            cells.append({"id": gid, "label": label, "source": source, "exports": names})
-            if v := violation(source, forbidden):
+            if v := subset.refusal(source, forbidden):  # refused code never runs
                 violations[gid] = f"{label} ({gid}) {v}"
+                source = STUB
+            cells.append({"id": gid, "label": label, "source": source, "exports": names})
             cell.source = f"_llmlab_sandbox.bind(globals(), {gid!r})  # your code ran in the sandbox"
             continue
         cells.append({"id": f"cell-{index}", "label": label, "source": cell.source, "exports": []})
@@ -186,21 +172,28 @@ def build(template: NotebookNode, student: dict[str, str], settings: dict, spec_
     sources = {nbgrader_meta(c)["grade_id"]: student.get(nbgrader_meta(c)["grade_id"], c.source)
                for c in template.cells if is_solution(c)}
     spec = {"cells": cells, "forbidden": forbidden, "violations": violations, "sources": sources,
-            "limits": {k: settings[k] for k in ("memory_mb", "nproc", "fsize_mb", "cpu_s", "output_bytes",
+            "libview": libview, "secret": secrets.token_hex(16),
+            "limits": {k: settings[k] for k in ("memory_mb", "nproc", "fsize_mb", "tmp_mb", "cpu_s", "output_bytes", "reply_mb",
                                                 "cell_s", "call_s", "total_s", "threads", "max_restarts")}}
     return spec, trusted
 
 
 def restore(autograded: NotebookNode, spec: dict, reveal_hidden: bool, hidden: set[str]) -> NotebookNode:
-    """Prepare an autograded notebook for feedback: the student's code back in place, hidden tests' tracebacks cut."""
+    """Prepare an autograded notebook for feedback and the formgrader.
+
+    The student's code goes back in place, the grader's marker lines come out of the tests, every
+    output is cleaned of scripts, and hidden tests show only their error line.
+    """
     nb = copy.deepcopy(autograded)
     nb.cells = [c for c in nb.cells if c.metadata.get("llmlab", {}).get("role") != "sandbox-start"]
     for cell in nb.cells:
         gid = nbgrader_meta(cell).get("grade_id")
         if cell.cell_type == "code" and is_solution(cell) and gid in spec["sources"]:
             cell.source = spec["sources"][gid]
-        if is_test(cell) and gid in hidden and not reveal_hidden:
-            for out in cell.get("outputs", []):
-                if out.get("output_type") == "error":
-                    out["traceback"] = [f"{out.get('ename')}: {out.get('evalue')}"]
-    return nb
+        if is_test(cell):
+            cell.source = unmark(cell.source)
+            if gid in hidden and not reveal_hidden:
+                for out in cell.get("outputs", []):
+                    if out.get("output_type") == "error":
+                        out["traceback"] = [f"{out.get('ename')}: {out.get('evalue')}"]
+    return clean_outputs(nb)

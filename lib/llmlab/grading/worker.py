@@ -174,9 +174,14 @@ def main() -> None:
             if not callable(fn):
                 raise NameError(f"name {name!r} is not defined")
             args, kwargs = value
+            inputs = protocol.arrays_in((args, kwargs))
+            before = [t.clone() for t in inputs]
             result = guard.call(fn, args, kwargs)
-            reply = ({"ok": True, "output": out.text()}, result)
-            protocol.encode(result)  # fail here, not half-way through sending
+            # tensors changed in place go back, so the caller sees what the call did, as in a notebook
+            changed = [[i, t] for i, (t, b) in enumerate(zip(inputs, before))
+                       if t.shape != b.shape or t.dtype != b.dtype or not torch.equal(t, b)]
+            reply = ({"ok": True, "output": out.text()}, (result, changed))
+            protocol.encode(reply[1])  # fail here, not half-way through sending
         except BaseException as e:  # noqa: BLE001
             kind = next(c for c in type(e).__mro__ if c.__module__ == "builtins").__name__
             reply = ({"ok": False, "error": str(e) or type(e).__name__, "type": kind,
