@@ -12,3 +12,4 @@ from llmlab.checks.finetuning import *  # noqa: F403
 from llmlab.checks.quantization import *  # noqa: F403
 from llmlab.checks.agents import *  # noqa: F403
 from llmlab.checks.serving import *  # noqa: F403
+from llmlab.checks.scaling import *  # noqa: F403
