@@ -423,9 +423,6 @@ def check_router(route_fn: Callable, aux_fn: Callable, capacity_fn: Callable, ma
         if math.isclose(got, want / 4, rel_tol=1e-6):
             fail(name, "missing the factor E (number of experts)")
         fail(name, f"k={k}: {got:.6g}, expected {want:.6g}")
-    got = _call(name, aux_fn, logits.float().requires_grad_(), 1)
-    if not isinstance(got, Tensor) or got.grad_fn is None:
-        fail(name, "return a tensor that carries the router's gradient (through the mean probabilities P_e)")
     name = "expert_capacity"
     for args in ((10, 4, 1, 1.0), (64, 8, 2, 1.25), (7, 7, 1, 1.0), (100, 8, 2, 1.5)):
         got = _call(name, capacity_fn, *args)
