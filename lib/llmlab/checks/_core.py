@@ -6,6 +6,9 @@ notebook function or on a proxy that forwards the call to the autograder's sandb
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import numbers
 import sys
 from typing import Any, Callable
@@ -49,6 +52,10 @@ def _hashable(obj: Any) -> bool:
     return True
 
 
+SHAPE_ERRORS = ("is invalid for input of size", "Sizes of tensors must match", "must match the size of tensor",
+                "shapes cannot be multiplied", "size mismatch", "Dimension out of range")
+
+
 def call(name: str, fn: Callable, *args: Any, watch: Watch | None = None) -> Any:
     """fn(*args), turning any exception (or a call `watch` forbids) into an AssertionError about `name`."""
     previous = sys.getprofile()
@@ -72,6 +79,9 @@ def call(name: str, fn: Callable, *args: Any, watch: Watch | None = None) -> Any
         text = f"{name} raised {type(error).__name__}" + (f": {detail}" if detail else "")
         if "view size is not compatible" in str(error):
             text += "\n(hint: after a transpose a tensor is no longer contiguous; .view cannot handle that)"
+        elif any(s in str(error) for s in SHAPE_ERRORS):
+            text += ("\n(hint: the shapes do not fit together: print the .shape of each tensor on the failing line "
+                     "and compare them with the shapes the docstring gives)")
         raise AssertionError(text) from None
     return out
 
@@ -134,6 +144,55 @@ def ok(message: str) -> None:
     print(f"✓ {message}")
 
 
+def blame(name: str, run: Callable[[], None], earlier: dict[str, Callable[[], None]]) -> None:
+    """Run a composite exercise's check; if it fails and the check of an earlier function it uses
+    fails too, say that the earlier function is the cause (`earlier`: {its name: its check})."""
+    try:
+        run()
+    except AssertionError as failure:
+        for label, check in earlier.items():
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    check()
+            except AssertionError as cause:
+                raise AssertionError(f"{failure}\n... but the cause may be earlier: {name} uses your {label}, whose "
+                                     f"own check fails ({cause}). Fix {label} first.") from None
+        raise
+
+
+def unchanged(name: str, before: Any, after: Any, what: str) -> None:
+    """Fail when the student's call changed an input (tensors, or lists/dicts of them) in place."""
+    if isinstance(before, Tensor):
+        if not (isinstance(after, Tensor) and shape_of(after) == shape_of(before) and torch.equal(after, before)):
+            fail(name, f"modifies {what} in place; the caller still needs it as it was: work on a copy "
+                       "(or build new tensors) instead of assigning into it or using +=, *=, .add_()")
+    elif isinstance(before, dict):
+        for key in before:
+            unchanged(name, before[key], after[key], f"{what}[{key!r}]")
+    elif isinstance(before, (list, tuple)):
+        for i, (b, a) in enumerate(zip(before, after)):
+            unchanged(name, b, a, f"{what}[{i}]")
+
+
+def snapshot(value: Any) -> Any:
+    """A deep copy of tensors and lists/dicts of them, to compare with after a call (see `unchanged`)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [snapshot(v) for v in value]
+    return value
+
+
+def wrong_number(name: str, case: str, raw: Any, got: float, want: float) -> None:
+    """Fail for a number that is off, saying so precisely: enough digits, and a float32 tensor named as such."""
+    if isinstance(raw, Tensor) and raw.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and math.isclose(got, want, rel_tol=1e-2 if raw.dtype != torch.float32 else 1e-6):
+        fail(name, f"{case} returns a {raw.dtype} tensor ({got!r}, expected {want!r}); return a Python float: "
+                   f"{raw.dtype} keeps only about {7 if raw.dtype == torch.float32 else 3} significant digits "
+                   "(compute with math, or call float(...) on a float64 result)")
+    fail(name, f"{case} gives {got:.10g}, expected {want:.10g}")
 
 
 def as_float(name: str, out: Any) -> float:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from llmlab.checks._core import as_float, call, close, expect_tensor, fail, ok
+from llmlab.checks._core import as_float, blame, call, close, expect_tensor, fail, ok
 
 __all__ = ["check_parse_action", "check_safe_calculate", "check_run_agent", "check_retrieval"]
 
@@ -119,7 +119,8 @@ def check_safe_calculate(fn: Callable) -> None:
         except ValueError:
             continue
         except Exception as e:  # noqa: BLE001 — the student's code raised something else
-            fail(name, f"{shown} ({what}) raises {type(e).__name__}; refuse with ValueError (catch and re-raise)")
+            fail(name, f"{shown} ({what}) raises {type(e).__name__}; refuse with ValueError (catch and re-raise)"
+                        + (" — is this eval? never run the text as code" if what.startswith(("a call", "attribute")) else ""))
         fail(name, f"{shown} ({what}) returned {str(out)[:40]!r}; it must raise ValueError"
                     + (" — is this eval? never run the text as code" if what.startswith(("a call", "attribute")) else ""))
     ok("safe_calculate: arithmetic evaluated from the syntax tree; code, names, huge numbers and long inputs refused")
@@ -148,8 +149,16 @@ def _reference_loop(replies: list[str], max_steps: int, time_budget_s: float, de
     return agent.Agent(backend, agent.default_tools(), max_steps, time_budget_s).run("The question.")
 
 
-def check_run_agent(fn: Callable) -> None:
-    """Check run_agent(replies, max_steps, time_budget_s, delay_s) -> {"status", "answer", "steps"}."""
+def check_run_agent(fn: Callable, uses: tuple = ()) -> None:
+    """Check run_agent(replies, max_steps, time_budget_s, delay_s) -> {"status", "answer", "steps"}.
+
+    uses: the student's (parse_action, safe_calculate), blamed when they fail too."""
+    earlier = {"parse_action": lambda: check_parse_action(uses[0]),
+               "safe_calculate": lambda: check_safe_calculate(uses[1])} if uses else {}
+    blame("run_agent", lambda: _check_run_agent(fn), earlier)
+
+
+def _check_run_agent(fn: Callable) -> None:
     name = "run_agent"
     for replies, max_steps, budget, delay, what in LOOP_CASES:
         out = call(name, fn, list(replies), max_steps, budget, delay)
@@ -235,6 +244,10 @@ def check_retrieval(top_k_fn: Callable, recall_fn: Callable) -> None:
         got = as_float(name, call(name, recall_fn, [list(r) for r in retrieved], [list(r) for r in relevant]))
         if abs(got - want) > 1e-9:
             per_query = sum(any(i in rel for i in ret) for ret, rel in zip(retrieved, relevant)) / len(retrieved)
+            over_k = sum(len(set(ret) & set(rel)) / len(ret) for ret, rel in zip(retrieved, relevant)) / len(retrieved)
+            if abs(got - over_k) < 1e-9:
+                fail(name, f"{retrieved}, relevant {relevant}: {got:.3g} divides the hits by k (that is precision@k); "
+                            "recall divides them by the number of RELEVANT items of the query")
             if abs(got - per_query) < 1e-9:
                 fail(name, f"{retrieved}, relevant {relevant}: {got:.3g} counts a query as a hit if ANY relevant "
                             "item is found; recall is the FRACTION of the relevant items found, averaged over queries")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmlab import attention as A
-from llmlab.checks._core import (Watch, atol_for, call, close, expect_tensor, fail, max_err, ok, randn,
+from llmlab.checks._core import (Watch, atol_for, blame, call, close, expect_tensor, fail, max_err, ok, randn,
                                  random_mask, shape_of)
 
 __all__ = ['check_sdpa', 'check_masks', 'check_heads', 'check_mha', 'check_sinusoidal', 'check_rope', 'check_attention_memory', 'check_bert_probs']
@@ -249,8 +249,24 @@ def _mha_variant(x: Tensor, w: list[Tensor | None], n_heads: int, mask: Tensor |
     return lin(y, w_o, b_o) if out_proj else y
 
 
-def check_mha(fn: Callable) -> None:
-    """Check multi_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o, n_heads, mask=None)."""
+def _earlier(uses: tuple) -> dict[str, Callable[[], None]]:
+    """The checks of the lab's earlier functions a composite exercise may call:
+    uses = (scaled_dot_product_attention, split_heads, merge_heads)."""
+    if not uses:
+        return {}
+    sdpa, split, merge = uses
+    return {"scaled_dot_product_attention": lambda: check_sdpa(sdpa),
+            "split_heads / merge_heads": lambda: check_heads(split, merge)}
+
+
+def check_mha(fn: Callable, uses: tuple = ()) -> None:
+    """Check multi_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o, n_heads, mask=None).
+
+    uses: the student's (scaled_dot_product_attention, split_heads, merge_heads), blamed when they fail too."""
+    blame("multi_head_attention", lambda: _check_mha(fn), _earlier(uses))
+
+
+def _check_mha(fn: Callable) -> None:
     name = "multi_head_attention"
     gen = torch.Generator().manual_seed(4)
     B, T, D, H = 2, 5, 16, 4
@@ -343,6 +359,20 @@ def _rope_variant(x: Tensor, positions: Tensor, base: float = 10000.0, *, sign: 
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def _rope_pairs(name: str, fn: Callable, hd: int) -> tuple[int, int] | None:
+    """Rotate each basis vector e_j at position 1: the dimension it turns into names the pairing.
+
+    Returns (j, p) for the first dimension j paired with p other than j +- head_dim/2, else None."""
+    out = _call(name, fn, torch.eye(hd, dtype=torch.float64), torch.ones(hd, dtype=torch.int64))
+    if not isinstance(out, Tensor) or shape_of(out) != (hd, hd):
+        return None
+    for j in range(hd):
+        others = [p for p in range(hd) if p != j and abs(float(out[j, p])) > 1e-9]
+        if len(others) == 1 and others[0] != (j + hd // 2) % hd:
+            return j, others[0]
+    return None
+
+
 def check_rope(fn: Callable) -> None:
     """Check apply_rope(x, positions, base=10000.0): rotate-half RoPE."""
     name = "apply_rope"
@@ -367,6 +397,10 @@ def check_rope(fn: Callable) -> None:
         for sign, interleaved in ((-1.0, False), (-1.0, True)):
             if close(out, _rope_variant(x, positions, sign=sign, interleaved=interleaved), 1e-8):
                 fail(name, "rotates the wrong way: check the signs of the sin terms")
+        pairs = _rope_pairs(name, fn, hd)
+        if pairs:
+            fail(name, f"pairs dimension {pairs[0]} with dimension {pairs[1]}; rotate-half RoPE turns each pair "
+                        f"(i, i + head_dim/2): dimension {pairs[0]} goes with {(pairs[0] + hd // 2) % hd}")
         if close(out, _rope_variant(x, positions, exponent=1.0), 1e-8):
             fail(name, "wrong frequencies: pair i turns by base^(-2i/head_dim) radians per position")
         fail(name, f"values differ from the reference (max |error| {max_err(out, want):.2e})")
@@ -427,8 +461,14 @@ def check_attention_memory(fn: Callable) -> None:
 # A real model's attention probabilities
 
 
-def check_bert_probs(fn: Callable) -> None:
-    """Check bert_attention_probs(hidden_states, w_q, b_q, w_k, b_k, n_heads, head, attention_mask)."""
+def check_bert_probs(fn: Callable, uses: tuple = ()) -> None:
+    """Check bert_attention_probs(hidden_states, w_q, b_q, w_k, b_k, n_heads, head, attention_mask).
+
+    uses: the student's (scaled_dot_product_attention, split_heads, merge_heads), blamed when they fail too."""
+    blame("bert_attention_probs", lambda: _check_bert_probs(fn), _earlier(uses))
+
+
+def _check_bert_probs(fn: Callable) -> None:
     name = "bert_attention_probs"
     gen = torch.Generator().manual_seed(6)
     B, T, D, H = 2, 6, 12, 3

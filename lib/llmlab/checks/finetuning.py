@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmlab.checks._core import as_float, call, close, expect_tensor, fail, max_err, ok, randn, shape_of
+from llmlab.checks._core import (as_float, blame, call, close, expect_tensor, fail, max_err, ok, randn, shape_of,
+                                 wrong_number)
 
 __all__ = ['check_lora_init', 'check_lora_forward', 'check_merged_weight', 'check_match_targets',
            'check_lora_param_count', 'check_sft_example', 'check_to_peft_key', 'check_mean_pool',
@@ -145,14 +146,21 @@ def check_merged_weight(fn: Callable) -> None:
     if not torch.equal(W, W0):
         fail(name, "modifies `weight` in place; return a new tensor (the frozen weight must stay as it was)")
     want = lora.merged_weight(W, A, B, scaling)
-    if close(out, want, 1e-10):
-        ok("merged_weight: W + scaling * B A, one Linear with the adapter's outputs")
-        return
-    if close(out, W + B @ A, 1e-10):
-        fail(name, "forgets `scaling`: the adapter's output is scaled, so its merged weight must be too")
-    if close(out, scaling * (B @ A), 1e-10):
-        fail(name, "returns only the update; add the frozen weight W")
-    fail(name, f"differs from W + scaling * B A (max |error| {max_err(out, want):.2e})")
+    if not close(out, want, 1e-10):
+        if close(out, W + B @ A, 1e-10):
+            fail(name, "forgets `scaling`: the adapter's output is scaled, so its merged weight must be too")
+        if close(out, scaling * (B @ A), 1e-10):
+            fail(name, "returns only the update; add the frozen weight W")
+        if close(out, W + scaling * (A.T @ B.T).T, 1e-10) or close(out, W + scaling * (B.T @ A.T).T, 1e-10):
+            fail(name, "the update is B @ A: (out, r) @ (r, in) gives nn.Linear's (out, in)")
+        fail(name, f"differs from W + scaling * B A (max |error| {max_err(out, want):.2e})")
+    # a bf16 base model with float32 adapters (as peft trains them): the merged Linear stays bf16
+    W16 = W.to(torch.bfloat16)
+    out = call(name, fn, W16.clone(), A.float(), B.float(), scaling)
+    if not isinstance(out, Tensor) or out.dtype != torch.bfloat16:
+        fail(name, f"returns {getattr(out, 'dtype', type(out).__name__)} for a bfloat16 weight and float32 adapters; "
+                   "the merged weight replaces the bfloat16 one, so keep weight's dtype (convert the update to it)")
+    ok("merged_weight: W + scaling * B A in the weight's dtype, one Linear with the adapter's outputs")
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,8 +194,13 @@ def check_match_targets(fn: Callable) -> None:
     ok("match_targets: a name matches a target exactly or as its dotted suffix, in model order")
 
 
-def check_lora_param_count(fn: Callable) -> None:
-    """Check lora_param_count(linear_shapes, target_modules, r)."""
+def check_lora_param_count(fn: Callable, uses: tuple = ()) -> None:
+    """Check lora_param_count(linear_shapes, target_modules, r); uses: the student's (match_targets,), blamed too."""
+    earlier = {"match_targets": lambda: check_match_targets(uses[0])} if uses else {}
+    blame("lora_param_count", lambda: _check_lora_param_count(fn), earlier)
+
+
+def _check_lora_param_count(fn: Callable) -> None:
     from llmlab import lora
 
     name = "lora_param_count"
@@ -240,9 +253,11 @@ def check_sft_example(fn: Callable) -> None:
             continue
         if len(x) != max_len or len(y) != max_len:
             fail(name, f"{shown}: x and y have lengths {len(x)} and {len(y)}; both must be padded/cut to max_len")
-        ids = prompt + response
-        if x[: len(ids)] == ids[:max_len] and y[:min(len(ids), max_len)] == ([IGNORE_INDEX] * len(prompt) + response)[:max_len]:
-            fail(name, f"{shown}: y is not shifted: y[t] must be the token AFTER x[t] (y = labels[1:], x = ids[:-1])")
+        ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
+        unshifted = [labels[: max_len + 1][:-1], labels[:max_len]]  # y[t] = the label of x[t] itself
+        if any(y[: len(u)] == u and len(u) > len(prompt) for u in unshifted):
+            fail(name, f"{shown}: y is not shifted: y[t] must be the label of the token AFTER x[t] "
+                       "(x = ids[:-1], y = labels[1:])")
         if x != want_x:
             fail(name, f"{shown}: x = {x}; expected the first max_len tokens of prompt + response "
                         "(without the last token) then pad_id")
@@ -275,12 +290,13 @@ def check_to_peft_key(fn: Callable) -> None:
             continue
         if not isinstance(out, str):
             fail(name, f"returns {type(out).__name__}; expected a str")
-        if not out.startswith("base_model.model."):
+        if not out.startswith("base_model.model.") or out == "base_model." + want[len("base_model.model."):]:
             fail(name, f"{key!r} -> {out!r}: peft wraps the model twice: keys start with 'base_model.model.'")
         if f".{adapter}." not in out:
             fail(name, f"{key!r} -> {out!r}: peft keeps adapters in a dict by name: "
                         f"'...lora_A.{adapter}.weight'")
-        fail(name, f"{key!r} -> {out!r}, expected another key")
+        fail(name, f"{key!r} -> {out!r}: the peft key is 'base_model.model.' + the key, with the adapter name "
+                   "inserted before '.weight' for lora_A / lora_B weights only (other keys keep their name)")
     ok("to_peft_key: 'base_model.model.' + the key, with the adapter name before '.weight'")
 
 
@@ -335,7 +351,8 @@ def check_classification_metrics(cm_fn: Callable, f1_fn: Callable) -> None:
 
     name = "macro_f1"
     for cm in (want, torch.tensor([[5, 0, 0], [2, 0, 0], [1, 0, 7]]), torch.tensor([[3, 1], [0, 0]])):
-        got = as_float(name, call(name, f1_fn, cm.clone()))
+        raw = call(name, f1_fn, cm.clone())
+        got = as_float(name, raw)
         target = lora.macro_f1(cm)
         if math.isclose(got, target, rel_tol=1e-9, abs_tol=1e-12):
             continue
@@ -350,5 +367,5 @@ def check_classification_metrics(cm_fn: Callable, f1_fn: Callable) -> None:
         mean_pr = float(((tp / predicted.clamp(min=1) + tp / actual.clamp(min=1)) / 2).mean())
         if math.isclose(got, mean_pr, rel_tol=1e-9):
             fail(name, "averages precision and recall; F1 is their HARMONIC mean, 2 P R / (P + R)")
-        fail(name, f"{got:.4f} for {cm.tolist()}; expected {target:.4f}")
+        wrong_number(name, f"on {cm.tolist()}", raw, got, target)
     ok("metrics: confusion matrix with true classes as rows, macro-F1 as the mean of per-class F1")

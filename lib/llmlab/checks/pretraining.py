@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmlab.checks._core import as_float, call, close, expect_tensor, fail, max_err, ok, randn, shape_of
+from llmlab.checks._core import (as_float, call, close, expect_tensor, fail, max_err, ok, randn, shape_of, snapshot,
+                                 unchanged, wrong_number)
 
 __all__ = ['check_bpe', 'check_clm_loss', 'check_block', 'check_lr_schedule', 'check_accumulate', 'check_next_token_probs', 'check_perplexity']
 
@@ -37,9 +38,13 @@ def check_bpe(merge_fn: Callable, pair_fn: Callable) -> None:
         shown = f"merge({ids[:12]}{'...' if len(ids) > 12 else ''}, {pair}, {new_id})"
         if len(out) == len(ids):
             fail("merge", f"{shown} keeps the length: a merged pair of two ids must become ONE id")
+        if ids and out == want[:-1] and want[-1] == ids[-1]:
+            fail("merge", f"{shown}: the last id is dropped; it has no right neighbour, but it still belongs to the output")
         if pair[0] == pair[1] and len(out) < len(want):
             fail("merge", f"{shown}: overlapping occurrences — once a pair is merged, its second id is used up")
-        fail("merge", f"{shown} gives {out[:12]}{'...' if len(out) > 12 else ''}, expected another list")
+        i = next((i for i, (a, b) in enumerate(zip(out, want)) if a != b), min(len(out), len(want)))
+        fail("merge", f"{shown} gives {out[:12]}{'...' if len(out) > 12 else ''}: it goes wrong at index {i}; scan "
+                      "left to right, turn each occurrence of the pair into new_id and keep every other id as it is")
     for ids in ([1, 2, 3, 1, 2], [3, 4, 1, 2], [9, 9, 9, 1, 9, 9], [7, 1, 7, 1, 0, 2, 0, 2]):
         out = call("most_frequent_pair", pair_fn, list(ids))
         if not isinstance(out, (list, tuple)) or len(out) != 2:
@@ -87,35 +92,124 @@ def check_clm_loss(fn: Callable) -> None:
 # One transformer block as a function
 
 
+def _block_variant(x: Tensor, p: dict, n_head: int, theta: float = 10000.0, eps: float = 1e-5, *,
+                   norm: str = "rms", post_norm: bool = False, no_residual: str = "", causal: bool = True,
+                   scale: float | str | None = None, rope: bool = True, interleave: bool = False,
+                   mlp: str = "swiglu") -> Tensor:
+    """The Llama block written out, or with one deliberate mistake, to recognise it in a student's output."""
+    from llmlab.attention import apply_rotary, merge_heads, rope_cache, split_heads
+
+    B, T, C = x.shape
+    hd = C // n_head
+
+    def normalize(h: Tensor, w: Tensor) -> Tensor:
+        if norm == "layer":
+            return F.layer_norm(h, (C,), w, None, eps)
+        unit = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return unit if norm == "unweighted" else w * unit
+
+    split = (lambda t: t.view(B, T, hd, n_head).permute(0, 3, 1, 2)) if interleave else (lambda t: split_heads(t, n_head))
+    merge = (lambda t: t.permute(0, 2, 3, 1).reshape(B, T, C)) if interleave else merge_heads
+
+    def attn(h: Tensor) -> Tensor:
+        q, k, v = (split(h @ p[f"self_attn.{n}_proj.weight"].T) for n in "qkv")  # (B, n_head, T, hd)
+        if rope:
+            cos, sin = (t.to(x.dtype) for t in rope_cache(T, hd, theta))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        factor = {None: hd ** -0.5, "n_embd": C ** -0.5}.get(scale, scale)  # type: ignore[arg-type]
+        scores = q @ k.transpose(-1, -2) * factor
+        if causal:
+            scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        return merge(scores.softmax(-1) @ v) @ p["self_attn.o_proj.weight"].T
+
+    def feed_forward(h: Tensor) -> Tensor:
+        gate, up = h @ p["mlp.gate_proj.weight"].T, h @ p["mlp.up_proj.weight"].T
+        act = {"swiglu": lambda: F.silu(gate) * up, "gate-only": lambda: F.silu(gate), "up-only": lambda: F.silu(up),
+               "gate-on-up": lambda: gate * F.silu(up), "gelu": lambda: F.gelu(gate) * up}[mlp]()
+        return act @ p["mlp.down_proj.weight"].T
+
+    for label, branch, w in (("attn", attn, p["input_layernorm.weight"]),
+                             ("mlp", feed_forward, p["post_attention_layernorm.weight"])):
+        if post_norm:
+            x = normalize(x + branch(x), w)
+        else:
+            x = (0 if no_residual == label else x) + branch(normalize(x, w))
+    return x
+
+
+BOTH_BRANCHES = [  # (variant, what it means): mistakes either branch can make
+    (dict(norm="layer"), "uses LayerNorm; the Llama block uses RMSNorm: weight * h / sqrt(mean(h^2) + eps), "
+                         "no mean subtracted and no bias"),
+    (dict(norm="unweighted"), "the RMSNorm weight (input_layernorm.weight / post_attention_layernorm.weight) is not applied"),
+    (dict(post_norm=True), "normalises after the residual add (post-norm); this block is pre-norm: x + branch(norm(x))"),
+]
+NO_RESIDUAL = "the residual connection is missing: the branch's output is ADDED to x"
+ATTENTION_BRANCH = [
+    (dict(no_residual="attn"), NO_RESIDUAL),
+    (dict(scale=1.0), "the scores are missing the 1/sqrt(head_dim) scale"),
+    (dict(scale="n_embd"), "the scale uses n_embd; each head's scores are over head_dim = n_embd / n_head"),
+    (dict(interleave=True), "the head split is wrong: head h owns the contiguous columns h*head_dim .. (h+1)*head_dim - 1 "
+                            "(view as (B, T, n_head, head_dim), then swap T and n_head)"),
+    (dict(rope=False), "ignores positions: rotate q and k with RoPE before the scores"),
+]
+MLP_BRANCH = [
+    (dict(no_residual="mlp"), NO_RESIDUAL),
+    (dict(mlp="gate-only"), "the MLP is SwiGLU: down(silu(gate(h)) * up(h)); up_proj is missing"),
+    (dict(mlp="up-only"), "the MLP is SwiGLU: down(silu(gate(h)) * up(h)); the gate (gate_proj) is missing"),
+    (dict(mlp="gate-on-up"), "SiLU is applied to the wrong branch: silu(gate(h)) * up(h), the activation on gate_proj"),
+    (dict(mlp="gelu"), "the activation is SiLU (x * sigmoid(x)), not GELU"),
+]
+
+
 def check_block(fn: Callable) -> None:
-    """Check transformer_block(x, params, n_head, rope_theta=10000.0, eps=1e-5)."""
+    """Check transformer_block(x, params, n_head, rope_theta=10000.0, eps=1e-5), one branch at a time."""
     from llmlab.model import GPT, GPTConfig
 
     name = "transformer_block"
     torch.manual_seed(23)
-    config = GPTConfig(vocab_size=16, block_size=12, n_layer=1, n_head=2, n_embd=16)
-    model = GPT(config).double().eval()
+    C, H, T = 16, 2, 9
+    model = GPT(GPTConfig(vocab_size=16, block_size=12, n_layer=1, n_head=H, n_embd=C)).double().eval()
     block = model.layers[0]
     with torch.no_grad():
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             norm.weight.copy_(1 + 0.5 * torch.randn_like(norm.weight))
     params = {k: v.detach().clone() for k, v in block.state_dict().items()}
-    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    x = torch.randn(2, T, C, dtype=torch.float64) * 2
     with torch.no_grad():
-        want = block(x, (model.rope_cos[:9].double(), model.rope_sin[:9].double()))
-        no_rope = block(x, None)
-    out = expect_tensor(name, call(name, fn, x, params, 2), shape_of(x), x.dtype, f"x {shape_of(x)}")
-    if close(out, want, 1e-8):
-        ok("block: pre-norm attention with RoPE and a SwiGLU MLP, matches llmlab.model.Block")
-        return
-    if close(out, no_rope, 1e-8):
-        fail(name, "the output ignores positions: rotate q and k with RoPE before the scores")
-    if close(out[:, 0], want[:, 0], 1e-8):
-        fail(name, "the first token is right but later ones are not: check the causal mask, "
-                    "the head split, or the rotation of positions > 0")
-    if close(out, want - x, 1e-8):
-        fail(name, "the residual connections are missing: x = x + attn(...), then x = x + mlp(...)")
-    fail(name, f"differs from llmlab.model.Block (max |error| {max_err(out, want):.2e})")
+        want = block(x, (model.rope_cos[:T].double(), model.rope_sin[:T].double()))
+
+    def run(p: dict, inp: Tensor = x, *extra: float) -> Tensor:
+        return expect_tensor(name, call(name, fn, inp, {k: v.clone() for k, v in p.items()}, H, *extra),
+                             shape_of(inp), inp.dtype, f"x {shape_of(inp)}")
+
+    out = run(params)
+    later = x.clone()
+    later[:, 5:] += torch.randn(2, T - 5, C, dtype=torch.float64)
+    if not close(run(params, later)[:, :5], out[:, :5], 1e-8):
+        fail(name, "changing tokens 5.. changes the outputs at positions 0..4: a token sees the future. "
+                   "Mask the scores causally (query i sees keys 0..i)")
+    zero = lambda key: {**params, key: torch.zeros_like(params[key])}  # noqa: E731
+    for label, p, own in (("the attention branch (run with the MLP's down_proj at zero)", zero("mlp.down_proj.weight"),
+                           ATTENTION_BRANCH),
+                          ("the MLP branch (run with the attention's o_proj at zero)", zero("self_attn.o_proj.weight"),
+                           MLP_BRANCH)):
+        got = run(p)
+        if close(got, _block_variant(x, p, H), 1e-8):
+            continue
+        for variant, message in BOTH_BRANCHES + own:
+            if close(got, _block_variant(x, p, H, **variant), 1e-8):
+                fail(name, f"{label}: {message}")
+        fail(name, f"{label} differs from the Llama block's (max |error| {max_err(got, _block_variant(x, p, H)):.2e}); "
+                   "check its norm, projections (x @ W.T) and residual")
+    if not close(out, want, 1e-8):
+        fail(name, f"each branch alone is right, but the whole block is not (max |error| {max_err(out, want):.2e}): "
+                   "the MLP reads the stream AFTER the attention's residual add")
+    got = run(params, x, 500.0, 1e-6)
+    if not close(got, _block_variant(x, params, H, 500.0, 1e-6), 1e-8):
+        if close(got, _block_variant(x, params, H, 10000.0, 1e-6), 1e-8):
+            fail(name, "the rope_theta argument is ignored (tried rope_theta=500.0)")
+        fail(name, "wrong with rope_theta=500.0 and eps=1e-6: are both arguments used?")
+    ok("block: causal pre-norm attention with RoPE and a SwiGLU MLP, matches llmlab.model.Block")
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,7 +223,8 @@ def check_lr_schedule(fn: Callable) -> None:
     name = "lr_at"
     max_lr, min_lr, warmup, decay = 1e-3, 1e-4, 10, 50
     cfg = train.TrainConfig(max_steps=decay, lr=max_lr, min_lr=min_lr, warmup_steps=warmup)
-    got = [as_float(name, call(name, fn, s, max_lr, min_lr, warmup, decay)) for s in range(decay + 5)]
+    raw = [call(name, fn, s, max_lr, min_lr, warmup, decay) for s in range(decay + 5)]
+    got = [as_float(name, r) for r in raw]
     want = [train.lr_at(s, cfg) for s in range(decay + 5)]
     bad = [s for s in range(decay + 5) if not math.isclose(got[s], want[s], rel_tol=1e-9, abs_tol=1e-15)]
     if not bad:
@@ -141,12 +236,22 @@ def check_lr_schedule(fn: Callable) -> None:
             fail(name, f"step {s} already uses max_lr: there is no warmup")
         if math.isclose(got[s], max_lr * s / warmup, abs_tol=1e-15):
             fail(name, f"step {s}: off by one — step 0 must already take a small step: max_lr * (step + 1) / warmup_steps")
-        fail(name, f"step {s} (warmup): {got[s]:.3g}, expected a linear rise to max_lr")
+        wrong_number(name, f"step {s} (warmup, a linear rise to max_lr)", raw[s], got[s], want[s])
     if s >= decay:
-        fail(name, f"step {s} (after decay_steps): {got[s]:.3g}; the schedule stays at min_lr")
-    if math.isclose(got[warmup], max_lr) and got[decay - 1] < min_lr + 0.01 * (max_lr - min_lr) and got[s] < want[s]:
-        fail(name, f"step {s}: {got[s]:.3g}; a linear decay? The decay is a half cosine")
-    fail(name, f"step {s} (decay): {got[s]:.3g}, expected {want[s]:.3g}")
+        fail(name, f"step {s} (after decay_steps): {got[s]:.6g}; the schedule stays at min_lr")
+    cosine = lambda progress: min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)  # noqa: E731
+    for progress, why in ((lambda t: t / decay, "counts from step 0; it starts when the warmup ends: "
+                                                 "progress = (step - warmup_steps) / (decay_steps - warmup_steps)"),
+                          (lambda t: (t - warmup) / decay, "divides by decay_steps; the cosine spans the "
+                                                           "decay_steps - warmup_steps steps after the warmup"),
+                          (lambda t: (t - warmup + 1) / (decay - warmup), "is one step ahead: at step warmup_steps "
+                                                                          "the progress is 0, so the lr is still max_lr")):
+        if all(math.isclose(got[t], cosine(progress(t)), rel_tol=1e-9) for t in range(warmup, decay)):
+            fail(name, f"the cosine's progress {why}")
+    if all(math.isclose(got[t], max_lr - (t - warmup) / (decay - warmup) * (max_lr - min_lr), rel_tol=1e-9)
+           for t in range(warmup, decay)):
+        fail(name, "decays linearly; the decay from max_lr to min_lr is a half cosine")
+    wrong_number(name, f"step {s} (decay)", raw[s], got[s], want[s])
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,7 +264,9 @@ def check_accumulate(fn: Callable) -> None:
     gen = torch.Generator().manual_seed(24)
     grads = [{"w": randn(gen, 3, 2), "b": randn(gen, 3)} for _ in range(3)]
     for sizes in ([4, 4, 4], [8, 8, 2]):
+        before = snapshot(grads)
         out = call(name, fn, grads, sizes)
+        unchanged(name, before, grads, "micro_grads")
         if not isinstance(out, dict) or set(out) != {"w", "b"}:
             fail(name, "returns something other than a dict with the same names as each micro-batch's gradients")
         n = sum(sizes)
@@ -192,11 +299,14 @@ def _reference_probs(logits: Tensor, temperature: float, top_k: int | None) -> T
 
 
 def check_next_token_probs(fn: Callable) -> None:
-    """Check next_token_probs(logits, temperature, top_k=None)."""
+    """Check next_token_probs(logits, temperature, top_k=None), ties included."""
     name = "next_token_probs"
     gen = torch.Generator().manual_seed(25)
     logits = randn(gen, 3, 10) * 2
-    for temperature, top_k in ((1.0, None), (0.5, None), (2.0, 3), (1.0, 1), (0.0, None), (0.7, 10)):
+    logits[2, [1, 4, 7]] = logits[2].max() + 1  # a three-way tie for the top: top_k=2 keeps all three
+    fourth = logits[1].topk(4).indices[-1]
+    logits[1, fourth] = logits[1].topk(3).values[-1]  # a tie at the 3rd largest: top_k=3 keeps four
+    for temperature, top_k in ((1.0, None), (0.5, None), (2.0, 3), (1.0, 1), (0.0, None), (0.7, 10), (1.0, 2)):
         args = f"temperature={temperature}, top_k={top_k}"
         out = expect_tensor(name, call(name, fn, logits, temperature, top_k), (3, 10), logits.dtype,
                              f"logits (3, 10), {args}")
@@ -207,6 +317,13 @@ def check_next_token_probs(fn: Callable) -> None:
             fail(name, f"{args}: rows do not sum to 1; return probabilities (softmax at the end)")
         if top_k is not None and close(out, _reference_probs(logits, temperature, None), 1e-10):
             fail(name, f"{args}: top_k is ignored; every token outside the k likeliest must get probability 0")
+        if top_k is not None and temperature and bool(((out > 0).sum(-1) == top_k).all()) \
+                and bool(((want > 0).sum(-1) > top_k).any()):
+            fail(name, f"{args}: keeps exactly k tokens where several tie at the k-th largest logit; keep every "
+                       "token whose logit is >= the k-th largest (ties all stay), e.g. compare with topk's last value")
+        if temperature == 0 and close(out, _reference_probs(logits / 1e-3, 1.0, None), 1e-6):
+            fail(name, "temperature=0 with a tie for the top: the probability is split between the tied tokens "
+                       "(a tiny temperature does that); greedy decoding is one-hot on the first argmax")
         if temperature and close(out, _reference_probs(logits * temperature * temperature, temperature, top_k), 1e-10):
             fail(name, f"{args}: multiplies by the temperature; divide the logits by it")
         if temperature == 0:
@@ -223,13 +340,16 @@ def check_perplexity(fn: Callable) -> None:
     """Check perplexity(total_nll, n_tokens)."""
     name = "perplexity"
     for total, n in ((0.0, 10), (10 * math.log(50), 10), (123.4, 57), (3.0, 1)):
-        out = as_float(name, call(name, fn, total, n))
+        raw = call(name, fn, total, n)
+        out = as_float(name, raw)
         want = math.exp(total / n)
         if math.isclose(out, want, rel_tol=1e-9):
             continue
         if math.isclose(out, total / n, rel_tol=1e-9):
             fail(name, f"({total:.4g}, {n}) gives the mean NLL; perplexity is its exponential")
+        if n > 1 and math.isclose(out, 2 ** (total / n), rel_tol=1e-9):
+            fail(name, f"({total:.4g}, {n}) uses base 2; the NLL is in nats (natural log), so perplexity = e^(mean NLL)")
         if math.isclose(out, math.exp(total), rel_tol=1e-9):
             fail(name, f"({total:.4g}, {n}): exponentiate the MEAN negative log-likelihood per token")
-        fail(name, f"({total:.4g}, {n}) gives {out:.6g}, expected another value")
+        wrong_number(name, f"({total:.4g}, {n})", raw, out, want)
     ok("perplexity: exp of the mean negative log-likelihood per token")

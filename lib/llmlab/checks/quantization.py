@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from llmlab.checks._core import call, close, expect_tensor, fail, max_err, ok, shape_of
+from llmlab.checks._core import blame, call, close, expect_tensor, fail, max_err, ok, shape_of
 
 __all__ = ['check_absmax', 'check_zeropoint', 'check_group_quantize', 'check_int4_packing',
            'check_int4_linear', 'check_prune']
@@ -83,6 +83,9 @@ def check_absmax(quantize_fn: Callable, dequantize_fn: Callable) -> None:
         if shape_of(q) != shape_of(x):
             fail(name, f"returns codes of shape {shape_of(q)} for x {shape_of(x)}")
         if not codes_match(q, want_q):
+            if codes_match(q, want_q.clamp(min=0)):
+                fail(name, f"bits={bits}: negative codes are clamped away; absmax codes are signed, "
+                           f"from -{qmax} to {qmax} (clamp to that range)")
             if codes_match(q, (x / want_scale).trunc()):
                 fail(name, f"bits={bits}: codes are truncated towards zero (.to(torch.int8) alone); "
                            "round to nearest first")
@@ -142,10 +145,17 @@ def check_zeropoint(quantize_fn: Callable, dequantize_fn: Callable) -> None:
             fail(name, f"bits={bits}: the zero point is not an integer; round it, so 0.0 maps to an exact code")
         if not codes_match(zero, want_zero):
             fail(name, f"bits={bits}: zero points differ from round(-lo / scale)")
+        half = 2 ** (bits - 1)
+        if isinstance(q, Tensor) and codes_match(q.to(torch.int64), want_q.to(torch.int64) - half):
+            fail(name, f"bits={bits}: the codes are shifted into the signed range [-{half}, {half - 1}]; "
+                       f"zero-point codes are unsigned, 0 .. {qmax}, with the zero point shifting 0.0 into that range")
         if not isinstance(q, Tensor) or q.dtype != torch.uint8:
             fail(name, f"returns codes of {getattr(q, 'dtype', type(q).__name__)}; "
                        f"return torch.uint8 codes in [0, {qmax}]")
         if not codes_match(q, want_q):
+            if codes_match(q, want_q.clamp(max=half - 1)):
+                fail(name, f"bits={bits}: codes are clamped to the signed range's top, {half - 1}; "
+                           f"zero-point codes run from 0 to 2^bits - 1 = {qmax}")
             unclamped = torch.round(x / want_scale) + want_zero
             if bool((unclamped < 0).any() | (unclamped > qmax).any()) and codes_match(q, unclamped.remainder(256)):
                 fail(name, f"bits={bits}: codes wrap around; clamp them to [0, {qmax}] before converting to uint8")
@@ -175,8 +185,15 @@ def check_zeropoint(quantize_fn: Callable, dequantize_fn: Callable) -> None:
 # Group-wise
 
 
-def check_group_quantize(fn: Callable) -> None:
-    """Check fake_quantize_groups(w, bits, group_size) -> the (out, in) round-tripped weight."""
+def check_group_quantize(fn: Callable, uses: tuple = ()) -> None:
+    """Check fake_quantize_groups(w, bits, group_size) -> the (out, in) round-tripped weight.
+
+    uses: the student's (absmax_quantize, absmax_dequantize), blamed when they fail too."""
+    earlier = {"absmax_quantize / absmax_dequantize": lambda: check_absmax(*uses)} if uses else {}
+    blame("fake_quantize_groups", lambda: _check_group_quantize(fn), earlier)
+
+
+def _check_group_quantize(fn: Callable) -> None:
     from llmlab import quant
 
     name = "fake_quantize_groups"
@@ -263,8 +280,15 @@ def _int4_layer(gen: torch.Generator, in_f: int, out_f: int, gs: int, bias: bool
     return layer, layer.qweight.clone(), layer.scale.clone(), b
 
 
-def check_int4_linear(fn: Callable) -> None:
-    """Check int4_linear(x, packed, scale, group_size, bias) against llmlab.quant.QuantLinear."""
+def check_int4_linear(fn: Callable, uses: tuple = ()) -> None:
+    """Check int4_linear(x, packed, scale, group_size, bias) against llmlab.quant.QuantLinear.
+
+    uses: the student's (pack_int4, unpack_int4), blamed when they fail too."""
+    earlier = {"pack_int4 / unpack_int4": lambda: check_int4_packing(*uses)} if uses else {}
+    blame("int4_linear", lambda: _check_int4_linear(fn), earlier)
+
+
+def _check_int4_linear(fn: Callable) -> None:
     from llmlab import quant
 
     name = "int4_linear"
@@ -284,6 +308,8 @@ def check_int4_linear(fn: Callable) -> None:
         s = quant.expand_groups(scale, gs, in_f)
         if close(out, x @ (codes * s).T + (0 if b is None else b), 1e-4):
             fail(name, "the codes are stored shifted by +8 (offset binary); subtract 8 before scaling")
+        if close(out, x @ ((codes - 7) * s).T + (0 if b is None else b), 1e-4):
+            fail(name, "subtracts 7; the stored codes are q + 8 (q in -7..7 becomes 1..15), so subtract 8")
         if b is not None and close(out, want - b, 1e-4):
             fail(name, "the bias is missing")
         if close(out, x @ ((codes - 8) * scale[:, :1]).T + (0 if b is None else b), 1e-4):

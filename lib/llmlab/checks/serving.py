@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from llmlab import generate as G
-from llmlab.checks._core import call, close, expect_tensor, fail, max_err, ok, randn, shape_of
+from llmlab.checks._core import call, close, expect_tensor, fail, max_err, ok, randn, shape_of, unchanged
 
 __all__ = ['check_filter_logits', 'check_repetition_penalty', 'check_attention_step', 'check_pad_batch',
            'check_speculative_accept']
@@ -25,11 +25,25 @@ def _kept(name: str, out: Tensor) -> Tensor:
 # Sampling filters
 
 
+def _nucleus(logits: Tensor, top_p: float, *, descending: bool = True, crossing: bool = True,
+             keep_top: bool = True) -> Tensor:
+    """Which tokens a top-p filter keeps, right or with a classic change: sorted the wrong way,
+    without the token that crosses top_p, or without always keeping the first sorted token."""
+    sorted_p, order = logits.softmax(-1).sort(-1, descending=descending)
+    mass = sorted_p.cumsum(-1)
+    keep = (mass - sorted_p < top_p) if crossing else (mass <= top_p)
+    if keep_top:
+        keep[..., 0] = True
+    return keep.scatter(-1, order, keep)
+
+
 def check_filter_logits(fn: Callable) -> None:
     """Check filter_logits(logits, top_k, top_p)."""
     name = "filter_logits"
     gen = torch.Generator().manual_seed(51)
     logits = randn(gen, 4, 40) * 2.5
+    sixth = logits[3].topk(6).indices[-1]
+    logits[3, sixth] = logits[3].topk(5).values[-1]  # a tie at the 5th largest: top_k=5 keeps six
     for top_k, top_p in ((None, 1.0), (5, 1.0), (1, 1.0), (None, 0.5), (None, 0.9), (8, 0.6), (40, 0.3), (3, 1e-9)):
         args = f"top_k={top_k}, top_p={top_p}"
         out = expect_tensor(name, call(name, fn, logits.clone(), top_k, top_p), (4, 40), logits.dtype,
@@ -44,20 +58,22 @@ def check_filter_logits(fn: Callable) -> None:
             continue
         n_kept, n_want = kept.sum(-1).tolist(), want_kept.sum(-1).tolist()
         if top_k is not None and top_p == 1.0:
-            if n_kept == n_want and torch.equal(kept, torch.isfinite(G.top_k_filter(-logits, top_k))):
+            if torch.equal(kept, torch.isfinite(G.top_k_filter(-logits, top_k))):
                 fail(name, f"{args} keeps the k SMALLEST logits; keep the k largest")
+            if all(n == top_k for n in n_kept) and any(n > top_k for n in n_want):
+                fail(name, f"{args} keeps exactly k tokens in a row where several tie at the k-th largest logit; "
+                           "keep every logit >= the k-th largest (ties all stay), e.g. compare with topk's last value")
             fail(name, f"{args} keeps {n_kept} tokens per row, expected {n_want}: keep the logits >= the k-th largest")
         if top_k is None or top_k >= 40:
-            probs = logits.softmax(-1)
-            sorted_p, order = probs.sort(-1, descending=True)
-            inclusive = (sorted_p.cumsum(-1) <= top_p).scatter(-1, order, sorted_p.cumsum(-1) <= top_p)
-            if torch.equal(kept, inclusive):
+            if any(torch.equal(kept, _nucleus(logits, top_p, crossing=False, keep_top=keep_top)) for keep_top in (True, False)):
                 fail(name, f"{args}: the token that crosses top_p is dropped; keep tokens until the kept "
                            "probability reaches top_p (a token stays when the mass of the likelier ones is < top_p)")
+            if any(torch.equal(kept, _nucleus(logits, top_p, descending=False, crossing=crossing))
+                   for crossing in (True, False)):
+                fail(name, f"{args}: the nucleus is measured from the wrong end (the least likely tokens); "
+                           "sort descending and start from the likeliest token")
         if (kept.sum(-1) == 0).any():
             fail(name, f"{args} removes every token of a row; the likeliest token always stays")
-            if torch.equal(kept, torch.isfinite(G.top_p_filter(logits, 1 - top_p))):
-                fail(name, f"{args}: the nucleus is measured from the wrong end; start from the likeliest token")
         if top_k is not None and top_p < 1:
             swapped = G.top_k_filter(G.top_p_filter(logits, top_p), top_k)
             if torch.equal(kept, torch.isfinite(swapped)):
@@ -76,8 +92,11 @@ def check_repetition_penalty(fn: Callable) -> None:
     logits = randn(gen, 30) * 2
     context = torch.tensor([3, 7, 7, 12, 3, 3, 25, 0])
     for penalty in (1.0, 1.3, 2.0, 0.8):
-        out = expect_tensor(name, call(name, fn, logits.clone(), context.clone(), penalty), (30,), logits.dtype,
+        given, seen = logits.clone(), context.clone()
+        out = expect_tensor(name, call(name, fn, given, seen, penalty), (30,), logits.dtype,
                             f"logits (30,), penalty={penalty}")
+        unchanged(name, logits, given, "logits")
+        unchanged(name, context, seen, "context")
         want = G.apply_repetition_penalty(logits, context, penalty)
         if close(out, want, 1e-10):
             continue
@@ -121,16 +140,24 @@ def _run_chunks(name: str, fn: Callable, x: Tensor, params: dict, n_head: int, c
     v_cache = torch.zeros(B, n_head, 0, d, dtype=x.dtype)
     outs, pos = [], 0
     for n in chunks:
-        got = call(name, fn, x[:, pos:pos + n], params, k_cache, v_cache, n_head, pos)
+        try:
+            got = call(name, fn, x[:, pos:pos + n], params, k_cache, v_cache, n_head, pos)
+        except AssertionError as e:
+            if not any(s in str(e) for s in ("Sizes of tensors must match", "torch.cat", "Tensors must have same")):
+                raise
+            fail(name, f"joining the cache and the new tokens failed at position {pos}: the caches are "
+                       f"(B, n_head, position, head_dim) = {shape_of(k_cache)} and the {n} new keys and values are "
+                       f"(B, n_head, {n}, head_dim) after the head split; concatenate along the time axis, "
+                       f"dim=-2 (PyTorch said: {str(e).splitlines()[0][len(name) + 1:].strip()})")
         if not isinstance(got, (tuple, list)) or len(got) != 3:
             fail(name, f"returns {type(got).__name__}; expected a tuple (y, k_cache, v_cache)")
         y, k_cache, v_cache = got
         expect_tensor(name, y, (B, n, C), x.dtype, f"x ({B}, {n}, {C}) at position {pos}")
         for label, t in (("k_cache", k_cache), ("v_cache", v_cache)):
             expect_tensor(name, t, (B, n_head, pos + n, d), x.dtype, f"{n} new tokens after {pos} cached",
-                          hints={(B, n_head, n, d): f"the returned {label} holds only the new tokens; "
-                                                    "concatenate them to the cache (axis -2)",
-                                 (B, n_head, pos, d): f"the returned {label} did not grow; add the new tokens"})
+                          hints={(B, n_head, pos, d): f"the returned {label} did not grow; add the new tokens",
+                                 (B, n_head, n, d): f"the returned {label} holds only the new tokens; "
+                                                    "concatenate them to the cache (axis -2)"})
         outs.append(y)
         pos += n
     return outs
