@@ -225,8 +225,10 @@ def graded_share(answers: list[Answer], wrong: int = 2, right: int = 1) -> list[
     return share
 
 
-def suite(lab_id: str, answers: list[Answer]):
-    """The tests of one lab's catalogue: (coverage test, check test, graded fixture, graded test)."""
+def suite(lab_id: str, answers: list[Answer], blames: list[tuple[str, str, str]] = ()):
+    """The tests of one lab's catalogue: (coverage test, check test, blame test, graded fixture, graded test).
+
+    blames: (id of a wrong answer, an exercise that calls it, what that exercise's check must say)."""
     lab = Lab(lab_id)
     ids = [a.id for a in answers]
     assert len(set(ids)) == len(ids), "answer names repeat"
@@ -247,6 +249,13 @@ def suite(lab_id: str, answers: list[Answer]):
             assert not passed, "the check says ✓ to a wrong answer"
             assert answer.words in message, f"expected {answer.words!r} in: {message}"
             assert "### BEGIN SOLUTION" not in message and "def " not in message
+
+    by_id = {a.id: a for a in answers}
+
+    @pytest.mark.parametrize("wrong, composite, words", blames, ids=[f"{b[1]}<-{b[0]}" for b in blames])
+    def test_composite_check_names_the_earlier_function(wrong, composite, words):
+        passed, message = run_check(lab._test(composite), lab.namespace([by_id[wrong]]))
+        assert not passed and words in message, message
 
     @pytest.fixture(scope="module")
     def graded(tmp_path_factory):
@@ -272,5 +281,5 @@ def suite(lab_id: str, answers: list[Answer]):
         own = lab.test_of[answer.exercise]
         assert passed == (tests[own] == lab.points[own]), "the check and the grader disagree"
 
-    return (test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
-            test_grader_prices_it_and_agrees_with_the_check)
+    return (test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+            test_composite_check_names_the_earlier_function, graded, test_grader_prices_it_and_agrees_with_the_check)

@@ -226,5 +226,10 @@ def bert_attention_probs(hidden_states, w_q, b_q, w_k, b_k, n_heads, head, atten
 """),
 ]
 
-(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
- test_grader_prices_it_and_agrees_with_the_check) = suite("01-attention", ANSWERS)
+BLAMES = [("sdpa/no-scale", "mha", "uses your scaled_dot_product_attention"),
+     ("heads/interleaved", "mha", "uses your split_heads / merge_heads"),
+     ("heads/no-transpose", "bert-probs", "uses your split_heads / merge_heads")]
+
+(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+ test_composite_check_names_the_earlier_function, graded,
+ test_grader_prices_it_and_agrees_with_the_check) = suite("01-attention", ANSWERS, BLAMES)

@@ -156,6 +156,15 @@ def lr_at(step, max_lr, min_lr, warmup_steps, decay_steps):
     span = max(decay_steps - warmup_steps, 1)
     progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
     return min_lr + (max_lr - min_lr) * (math.cos(math.pi * progress) + 1) / 2
+""", words="from decay_steps on, min_lr"),
+    Answer("lr-schedule", "piecewise", """
+def lr_at(step, max_lr, min_lr, warmup_steps, decay_steps):
+    if step >= decay_steps:
+        return min_lr
+    if step < warmup_steps:
+        return (step + 1) * max_lr / warmup_steps
+    t = (step - warmup_steps) / (decay_steps - warmup_steps)
+    return min_lr + (max_lr - min_lr) * math.cos(math.pi * t / 2) ** 2
 """),
     Answer("lr-schedule", "float64-tensor", """
 def lr_at(step, max_lr, min_lr, warmup_steps, decay_steps):
@@ -250,5 +259,6 @@ def perplexity(total_nll, n_tokens):
 """),
 ]
 
-(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
+(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+ test_composite_check_names_the_earlier_function, graded,
  test_grader_prices_it_and_agrees_with_the_check) = suite("02-pretraining", ANSWERS)

@@ -233,5 +233,8 @@ def macro_f1(confusion):
 """),
 ]
 
-(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
- test_grader_prices_it_and_agrees_with_the_check) = suite("03-finetuning", ANSWERS)
+BLAMES = [("match-targets/exact-only", "param-count", "uses your match_targets")]
+
+(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+ test_composite_check_names_the_earlier_function, graded,
+ test_grader_prices_it_and_agrees_with_the_check) = suite("03-finetuning", ANSWERS, BLAMES)

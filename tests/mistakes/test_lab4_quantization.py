@@ -190,5 +190,9 @@ def magnitude_prune(w, sparsity):
 """),
 ]
 
-(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
- test_grader_prices_it_and_agrees_with_the_check) = suite("04-quantization", ANSWERS)
+BLAMES = [("absmax/max-not-absmax", "group-quantize", "uses your absmax_quantize / absmax_dequantize"),
+     ("int4-packing/unpack-not-interleaved", "int4-linear", "uses your pack_int4 / unpack_int4")]
+
+(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+ test_composite_check_names_the_earlier_function, graded,
+ test_grader_prices_it_and_agrees_with_the_check) = suite("04-quantization", ANSWERS, BLAMES)

@@ -217,5 +217,6 @@ def speculative_accept(p, q, draft_tokens, u):
 """),
 ]
 
-(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
+(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+ test_composite_check_names_the_earlier_function, graded,
  test_grader_prices_it_and_agrees_with_the_check) = suite("05-serving", ANSWERS)

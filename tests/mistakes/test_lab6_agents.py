@@ -68,6 +68,8 @@ ANSWERS = [
           '    start = -1\n    while start != -1:', words="JSON tool call"),
     tweak("parse-action", "json-loads-the-rest", "arguments = decoder.raw_decode(text, start)[0] if start != -1 else None",
           "arguments = json.loads(text[start:]) if start != -1 else None", words="the JSON object ends where it closes"),
+    tweak("parse-action", "input-kept-as-text", "arguments = decoder.raw_decode(text, start)[0] if start != -1 else None",
+          "arguments = {\"expression\": text[start:].strip()} if start != -1 else None", words="holds the arguments"),
     Answer("parse-action", "split-lines", PARSE_BY_LINES),
     Answer("parse-action", "reference-reordered", '''
 def parse_action(text):
@@ -117,6 +119,7 @@ def safe_calculate(expression):
           "unary = {ast.UAdd: operator.pos}", words="raised ValueError"),
     tweak("safe-calculator", "no-range-check", "        if isinstance(result, complex) or abs(result) > 1e100:",
           "        if isinstance(result, complex):", words="a float overflow"),
+    tweak("safe-calculator", "no-multiplication", "ast.Mult: operator.mul, ", "", words="raised ValueError"),
     Answer("safe-calculator", "node-visitor", """
 def safe_calculate(expression):
     ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -295,5 +298,9 @@ def cosine_top_k(queries, keys, k):
 """),
 ]
 
-(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake, graded,
- test_grader_prices_it_and_agrees_with_the_check) = suite("06-agents", ANSWERS)
+BLAMES = [("parse-action/input-kept-as-text", "run-agent", "uses your parse_action"),
+     ("safe-calculator/no-multiplication", "run-agent", "uses your safe_calculate")]
+
+(test_every_exercise_has_four_mistakes_and_two_right_answers, test_check_names_the_mistake,
+ test_composite_check_names_the_earlier_function, graded,
+ test_grader_prices_it_and_agrees_with_the_check) = suite("06-agents", ANSWERS, BLAMES)

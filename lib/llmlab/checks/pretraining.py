@@ -228,6 +228,14 @@ def check_lr_schedule(fn: Callable) -> None:
     want = [train.lr_at(s, cfg) for s in range(decay + 5)]
     bad = [s for s in range(decay + 5) if not math.isclose(got[s], want[s], rel_tol=1e-9, abs_tol=1e-15)]
     if not bad:
+        for w, d in ((5, 5), (0, 20), (1, 2)):  # the edges: warmup ends where the decay ends, no warmup
+            edge = train.TrainConfig(max_steps=d, lr=max_lr, min_lr=min_lr, warmup_steps=w)
+            for t in range(d + 3):
+                raw = call(name, fn, t, max_lr, min_lr, w, d)
+                if not math.isclose(as_float(name, raw), train.lr_at(t, edge), rel_tol=1e-9, abs_tol=1e-15):
+                    wrong_number(name, f"warmup_steps={w}, decay_steps={d}: step {t} (an edge case: "
+                                       + ("no warmup at all)" if w == 0 else "from decay_steps on, min_lr)"),
+                                 raw, as_float(name, raw), train.lr_at(t, edge))
         ok("lr schedule: linear warmup to max_lr, half cosine to min_lr, then flat")
         return
     s = bad[0]
