@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from llmlab.parallel import data_parallel
 from llmlab.runtime import pick_device
 
 if TYPE_CHECKING:
@@ -207,8 +208,7 @@ def estimate_loss(
         total += loss.float()
     model.train(was_training)
     if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
+        data_parallel.allreduce_mean_([total])
     return total.item() / steps
 
 
