@@ -305,7 +305,7 @@ def _(template, solution, ctx):
 
 @attack("sys-exit", honest=("sdpa",))
 def _(template, solution, ctx):
-    return _stub_with(template, solution, ("sdpa",), {"masks": "import sys\nsys.exit(0)"})
+    return _stub_with(template, solution, ("sdpa",), {"masks": "raise SystemExit(0)"})
 
 
 @attack("os-exit", honest=("sdpa",))
@@ -315,9 +315,7 @@ def _(template, solution, ctx):
 
 @attack("sigint-proof-loop", honest=("sdpa",))
 def _(template, solution, ctx):
-    code = ("import signal\n"
-            "for _s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):\n    signal.signal(_s, signal.SIG_IGN)\n"
-            "while True:\n    try:\n        pass\n    except BaseException:\n        pass")
+    code = "while True:\n    try:\n        pass\n    except BaseException:\n        pass"
     return _stub_with(template, solution, ("sdpa",), {"masks": code})
 
 
@@ -329,7 +327,7 @@ def _(template, solution, ctx):
 
 @attack("huge-output", honest=("sdpa", "masks"))
 def _(template, solution, ctx):
-    code = "import os, sys\nprint('x' * 50_000_000)\nos.write(1, b'y' * 50_000_000)\nsys.stderr.write('z' * 50_000_000)"
+    code = "print('x' * 50_000_000)\nprint('y' * 50_000_000, end='')"
     return _stub_with(template, solution, ("sdpa", "masks"), {"masks": code})
 
 
@@ -343,6 +341,120 @@ def _(template, solution, ctx):
 def _(template, solution, ctx):
     code = ("import os\n"
             "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    return _stub_with(template, solution, ("sdpa",), {"heads": code})
+
+
+# --- the forbidden rule, decided before anything runs (the checked subset) -------------------
+
+def _sdpa_by(body: str) -> dict[str, str]:
+    return {"sdpa": "import torch\ndef scaled_dot_product_attention(q, k, v, mask=None):\n    " + body.replace("\n", "\n    ")}
+
+
+@attack("run-library-source")
+def _(template, solution, ctx):
+    code = ("import llmlab\n"
+            "_ns = {}\n"
+            "exec(open(llmlab.__path__[0] + '/attention.py').read(), _ns)\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return _ns['scaled_dot_product_attention'](q, k, v, mask)")
+    return _stub_with(template, solution, (), {"sdpa": code})
+
+
+@attack("switch-off-tripwire-gc")
+def _(template, solution, ctx):
+    code = ("import gc, torch.nn.functional as F\n"
+            "for _o in gc.get_objects():\n"
+            "    if type(_o).__name__ == 'Guard':\n        _o.active = False\n        _o.torch_funcs.clear()\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+            "    return getattr(F, 'scaled_dot_product_attention')(q, k, v, attn_mask=mask)")
+    return _stub_with(template, solution, (), {"sdpa": code})
+
+
+@attack("switch-off-tripwire-frames")
+def _(template, solution, ctx):
+    code = ("import torch\n"
+            "def _frames():\n    yield 1\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+            "    g = _frames()\n    f = g.gi_frame\n"
+            "    while f is not None:\n"
+            "        if 'guard' in f.f_globals:\n            f.f_globals['guard'].active = False\n"
+            "        f = f.f_back\n"
+            "    return torch.nn.functional.softmax(q @ k.transpose(-2, -1), -1) @ v")
+    return _stub_with(template, solution, (), {"sdpa": code})
+
+
+@attack("kernel-by-torch-ops")
+def _(template, solution, ctx):
+    return _stub_with(template, solution, (), _sdpa_by("return torch.ops.aten.scaled_dot_product_attention(q, k, v, mask)"))
+
+
+@attack("kernel-by-torch-c")
+def _(template, solution, ctx):
+    return _stub_with(template, solution, (), _sdpa_by("return torch._C._nn.scaled_dot_product_attention(q, k, v, mask)"))
+
+
+@attack("kernel-by-dunder-walk")
+def _(template, solution, ctx):
+    body = ("mods = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'module']\n"
+            "return torch.nn.functional.__dict__['scaled_dot_' + 'product_attention'](q, k, v, mask)")
+    return _stub_with(template, solution, (), _sdpa_by(body))
+
+
+@attack("kernel-by-library-model")
+def _(template, solution, ctx):
+    body = ("from llmlab.model import CausalSelfAttention\n"
+            "m = CausalSelfAttention(q.shape[-1], 1)\n"
+            "return m(q.reshape(-1, q.shape[-2], q.shape[-1]))")
+    return _stub_with(template, solution, (), _sdpa_by(body))
+
+
+@attack("format-string-escape")
+def _(template, solution, ctx):
+    body = "print('{0.__globals__}'.format(scaled_dot_product_attention))\nreturn q"
+    return _stub_with(template, solution, (), _sdpa_by(body))
+
+
+@attack("stop-reading-requests", honest=("sdpa",))
+def _(template, solution, ctx):
+    code = "import time, llmlab.grading.protocol as p\np.recv = lambda stream: time.sleep(10**6)"
+    return _stub_with(template, solution, ("sdpa",), {"masks": code})
+
+
+# --- feedback: no student script reaches a browser; hidden tests leak nothing -----------------
+
+XSS = "<img src=x onerror=\"document.title='XSS'\"> [click](javascript:document.title='XSS')"
+
+
+@attack("script-in-answers", honest=("sdpa",))
+def _(template, solution, ctx):
+    nb = _stub_with(template, solution, ("sdpa",), {"masks": "print('<script>document.title=\"XSS\"</script>')"})
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and sanitize.is_solution(cell):
+            cell.source = "My answer. " + XSS
+    return nb
+
+
+@attack("hidden-output-leak", honest=("sdpa",))
+def _(template, solution, ctx):
+    code = solution["sdpa"].replace("def scaled_dot_product_attention(q, k, v, mask=None):",
+                                    "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                                    "    print('LEAK', tuple(q.shape), q.flatten()[:3].tolist())")
+    assert "LEAK" in code
+    return _stub_with(template, {"sdpa": code}, ("sdpa",), {})
+
+
+@attack("huge-replies", honest=("sdpa",))
+def _(template, solution, ctx):
+    code = solution["sdpa"].replace("def scaled_dot_product_attention(q, k, v, mask=None):",
+                                    "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                                    "    print('w' * 4_000_000)")
+    assert "'w' * 4_000_000" in code
+    return _stub_with(template, {"sdpa": code}, ("sdpa",), {})
+
+
+@attack("fill-tmp", honest=("sdpa",))
+def _(template, solution, ctx):
+    code = ("_chunk = b'x' * (8 << 20)\n"
+            "for _i in range(128):\n    with open(f'/tmp/f{_i}', 'wb') as _f:\n        _f.write(_chunk)")
     return _stub_with(template, solution, ("sdpa",), {"heads": code})
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
+import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -22,8 +25,12 @@ from llmlab.grading import samples, sanitize
 from llmlab.grading.sandbox import isolation
 
 pytestmark = pytest.mark.slow
-NEEDS_BWRAP = {"read-solutions", "read-hidden-tests-and-gradebook", "write-gradebook-and-results",
-               "write-outside-scratch", "network-exfiltration", "fork-bomb", "kill-the-grader", "detect-grading"}
+NEEDS_BWRAP = {"detect-grading"}  # the rest are refused by the checked subset before anything runs
+# Files that are not the student's own regular file: each fails only its own submission, with a note.
+NOT_REGULAR = {"symlink-to-solution": "symbolic link", "hardlink-outside": "hard link", "fifo": "FIFO",
+               "device": "device", "oversized": "MiB limit"}
+# Ids nbgrader accepts (graded: here, copies of the solution) and one it cannot use (refused alone).
+GOOD_IDS, BAD_IDS = ("stüdent", "a.b@uni.example"), ("bad*id", "linked-folder")
 PROTECTED = ["lib/llmlab/checks/attention.py", f"labs/{LAB}/attention.ipynb", "grading/policy.toml",
              f"solutions/{LAB}/attention.ipynb"]
 
@@ -60,6 +67,10 @@ def batch(tmp_path_factory):
     only = None if isolation() == "bubblewrap" else [a for a in ATTACKS if a not in NEEDS_BWRAP]
     honest = build(subs, ROOT / "labs" / LAB / "attention.ipynb", ROOT / "solutions" / LAB / "attention.ipynb", ctx, only)
     expected = samples.write(LAB, subs)
+    _not_regular_files(subs, tmp_path_factory.mktemp("outside"))
+    for name in (*GOOD_IDS, "bad*id"):
+        shutil.copytree(subs / "solution", subs / name)
+    os.symlink(subs / "solution", subs / "linked-folder")
     protected = [ROOT / p for p in PROTECTED] + [Path("/usr/lib/python3/dist-packages/pwned.py"), ROOT / ".venv/lib/pwned.pth"]
     before = _digest(protected)
     proc = llmlab("grade", LAB, str(subs), "--workers", "2", "--no-progress")
@@ -69,6 +80,26 @@ def batch(tmp_path_factory):
             "before": before, "after": _digest(protected), "work": work}
 
 
+def _not_regular_files(subs: Path, outside: Path) -> None:
+    """Submissions that are links, FIFOs, devices or too large (see NOT_REGULAR)."""
+    solution = ROOT / "solutions" / LAB / "attention.ipynb"
+    for name in NOT_REGULAR:
+        (subs / name).mkdir()
+    target = lambda name: subs / name / "attention.ipynb"  # noqa: E731
+    os.symlink(solution, target("symlink-to-solution"))
+    shutil.copy(solution, outside / "attention.ipynb")
+    os.link(outside / "attention.ipynb", target("hardlink-outside"))
+    os.mkfifo(target("fifo"))
+    try:
+        os.mknod(target("device"), 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero: never ends
+    except PermissionError:
+        os.symlink("/dev/zero", target("device"))
+    nb = json.loads(solution.read_text())
+    nb["cells"][0]["source"] = " " * (40 << 20)
+    target("oversized").write_text(json.dumps(nb))
+
+
+@pytest.mark.timeout(3600)  # the batch (about 50 submissions) is graded in this test's setup
 def test_the_batch_finishes_and_prints_the_table(batch):
     proc = batch["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -95,6 +126,61 @@ def test_attack_earns_only_its_honest_part(batch, name):
     deserved = {f"test-{gid}": points[f"test-{gid}"] for gid in batch["honest"][name]}
     earned = {t: s for t, s in result["tests"].items() if s > 0}
     assert earned == deserved, f"{name}: earned {earned}, deserves {deserved}; notes: {result['notes']}"
+
+
+@pytest.mark.parametrize("name", sorted(NOT_REGULAR))
+def test_only_regular_files_are_graded(batch, name):
+    result = batch["results"][name]
+    assert result["error"] is None and result["score"] == 0, result
+    notes = " ".join(result["notes"])
+    assert NOT_REGULAR[name] in notes or (name == "device" and "symbolic link" in notes), notes
+    html = batch["work"] / "feedback" / name / LAB / "attention.html"
+    assert not html.exists() or "BEGIN SOLUTION" not in html.read_text() and "math.sqrt(d)" not in html.read_text()
+
+
+def test_every_usable_student_id_is_graded_and_a_bad_one_fails_alone(batch):
+    for name in GOOD_IDS:
+        r = batch["results"][name]
+        assert r["error"] is None and r["score"] == r["max_score"] == sum(_points().values()), r
+    out = batch["proc"].stdout
+    assert "bad*id" in out and "not a usable student id" in out, out[-2000:]
+    assert "linked-folder" in out and "symbolic link" in out
+
+
+def test_refusals_name_the_construct_and_its_line(batch):
+    for name, words in {"run-library-source": ("line 3", "exec"), "switch-off-tripwire-gc": ("line 1", "gc"),
+                        "kernel-by-torch-ops": ("line 3", "torch.ops"), "kernel-by-torch-c": ("_C",),
+                        "switch-off-tripwire-frames": ("gi_frame",), "kernel-by-dunder-walk": ("__class__",),
+                        "format-string-escape": ("format string",)}.items():
+        page = (batch["work"] / "feedback" / name / LAB / "attention.html").read_text()
+        for word in words:
+            assert word in page, f"{name}: {word!r} missing from the feedback"
+
+
+def test_no_student_script_reaches_the_feedback_page(batch):
+    page = (batch["work"] / "feedback" / "script-in-answers" / LAB / "attention.html").read_text()
+    assert "My answer." in page
+    assert "<img src" not in page.split("My answer.")[1][:400] and 'href="javascript:' not in page
+    assert "<script>document.title" not in page and "onerror=\"document" not in page
+
+
+def test_hidden_tests_show_no_student_output(batch):
+    page = (batch["work"] / "feedback" / "hidden-output-leak" / LAB / "attention.html").read_text()
+    assert "LEAK (2, 4, 7, 16)" in page, "the visible tests' output is the student's to see"
+    assert "LEAK (3, 2, 5, 8)" not in page, "the hidden tests' calls printed into the feedback"
+    assert batch["results"]["huge-replies"]["score"] > 0
+    assert (batch["work"] / "feedback" / "huge-replies" / LAB / "attention.html").stat().st_size < 5 << 20
+
+
+def test_the_similarity_report_finds_the_copies(batch):
+    import csv
+
+    rows = list(csv.DictReader((batch["work"] / "reports" / f"{LAB}-similarity.csv").open()))
+    score = {frozenset((r["a"], r["b"])): float(r["similarity"]) for r in rows}
+    assert score[frozenset(GOOD_IDS)] > 0.95 and score[frozenset(("solution", "[reference] solution"))] > 0.95
+    assert score[frozenset(("untouched", "solution"))] < 0.2
+    page = (batch["work"] / "reports" / f"{LAB}-similarity.html").read_text()
+    assert "<script>document.title" not in page
 
 
 def test_nothing_outside_the_sandbox_changed(batch):

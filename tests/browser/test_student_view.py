@@ -52,6 +52,7 @@ def course(tmp_path_factory):
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run([sys.executable, "-c", "from llmlab.grading import samples; from pathlib import Path; "
                     f"samples.write('{LAB}', Path('{course}/subs'))"], env=env, check=True)
+    _script_submission(course / "subs" / "xss" / "attention.ipynb", course / "solutions" / LAB / "attention.ipynb")
     subprocess.run([sys.executable, "-m", "llmlab.cli", "grade", LAB, str(course / "subs"), "--no-progress"],
                    env=env, check=True, capture_output=True)
     with socket.socket() as s:
@@ -75,6 +76,23 @@ def course(tmp_path_factory):
     yield {"root": course, "url": f"http://127.0.0.1:{port}", "token": token, "shots": shots}
     server.terminate()
     server.wait(timeout=30)
+
+
+XSS = ("<img src=x onerror=\"document.title='XSS'\"> <svg onload=\"document.title='XSS'\"></svg> "
+       "[click me](javascript:document.title='XSS')")
+
+
+def _script_submission(dest: Path, solution: Path) -> None:
+    """The solution, with scripts in its written answer and in what a solution cell prints."""
+    nb = nbformat.read(solution, as_version=4)
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type == "markdown" and meta.get("solution"):
+            cell.source = "My answer. " + XSS
+        elif cell.cell_type == "code" and meta.get("grade_id") == "masks":
+            cell.source += "\nprint('<script>document.title=\"XSS\"</script><img src=x onerror=\"document.title=\\'XSS\\'\">')"
+    dest.parent.mkdir(parents=True)
+    nbformat.write(nb, dest)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +213,29 @@ def test_formgrader_shows_the_graded_submissions(browser, course):
     text = page.content()
     for student in ("solution", "untouched", "partial"):
         assert student in text
+
+
+def _no_script_ran(page, shot: Path) -> None:
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(shot), full_page=False)
+    assert page.title() != "XSS", "a script from the student's submission ran"
+    assert page.evaluate("document.querySelectorAll('img[onerror], svg[onload], a[href^=\"javascript\"]').length") == 0
+
+
+def test_a_script_in_an_answer_runs_neither_in_feedback_nor_in_the_formgrader(browser, course):
+    feedback = course["root"] / "work" / "feedback" / "xss" / LAB / "attention.html"
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(feedback.as_uri())
+    page.get_by_text("My answer.").first.wait_for(timeout=30_000)
+    _no_script_ran(page, course["shots"] / "feedback-script.png")
+
+    env = {**os.environ, "LLMLAB_ROOT": str(course["root"]), "LLMLAB_WORK": str(course["root"] / "work")}
+    found = subprocess.run([sys.executable, "-c", "from llmlab.grading import pipeline\n"
+                            f"with pipeline._gradebook() as gb:\n    print(gb.find_submission_notebook('attention', '{LAB}', 'xss').id)"],
+                           env=env, capture_output=True, text=True, check=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{course['url']}/lab?token={course['token']}")
+    page.wait_for_selector(".jp-LabShell", timeout=60_000)
+    page.goto(f"{course['url']}/formgrader/submissions/{found.stdout.strip()}/?index=0")
+    page.get_by_text("My answer.").first.wait_for(timeout=60_000)
+    _no_script_ran(page, course["shots"] / "formgrader-script.png")

@@ -231,6 +231,7 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
         view = libview.build(template.metadata.get("llmlab", {}).get("forbidden", []), lab.split("-", 1)[-1],
                              work / "grading" / "libviews")
         spec, trusted = sanitize.build(template, student_answers, settings, spec_path, parameters, str(view))
+        result.notes += [f"refused: {why}" for why in spec["violations"].values()]
         _write_atomic(spec_path, json.dumps(spec))
         nbformat.write(trusted, submitted / name)
         specs[name] = spec

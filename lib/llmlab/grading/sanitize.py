@@ -27,7 +27,6 @@ from nbformat import NotebookNode
 from llmlab.grading import subset
 from llmlab.grading.hidden import unmark
 
-STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 
 
 def policy(root: Path, nb: NotebookNode) -> dict:
@@ -159,7 +158,7 @@ def build(template: NotebookNode, student: dict[str, str], settings: dict, spec_
             names = exports(cell.source)
             if v := subset.refusal(source, forbidden):  # refused code never runs
                 violations[gid] = f"{label} ({gid}) {v}"
-                source = STUB
+                source = "pass  # refused by the checked subset; see the feedback"
             cells.append({"id": gid, "label": label, "source": source, "exports": names})
             cell.source = f"_llmlab_sandbox.bind(globals(), {gid!r})  # your code ran in the sandbox"
             continue

@@ -35,7 +35,7 @@ ALLOWED_MODULES = {
 REFUSED_DOTTED = {
     "torch.load", "torch.save", "torch.ops", "torch.library", "torch.hub", "torch.package",
     "torch.jit", "torch.serialization", "torch.from_file", "torch.utils.cpp_extension",
-    "torch.overrides", "torch.classes", "torch.utils.hooks",
+    "torch.overrides", "torch.classes", "torch.utils.hooks", "torch.multiprocessing",
     "numpy.load", "numpy.save", "numpy.fromfile", "numpy.loadtxt", "numpy.genfromtxt",
     "numpy.memmap", "numpy.ctypeslib", "numpy.lib", "operator.attrgetter", "operator.methodcaller",
     "llmlab.grading", "llmlab.checks", "llmlab.assets", "llmlab.course", "llmlab.cli",
