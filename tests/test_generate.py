@@ -146,30 +146,46 @@ def test_sampling_is_seeded():
 # KV cache: the course GPT
 
 
-def test_cached_logits_equal_the_full_forward():
+def argmax_loop(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the plain way: the whole sequence through the model at every step."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_decoder_logits_with_a_cache_equal_the_full_forward():
     model = tiny_gpt()
     ids = torch.randint(0, 61, (2, 20))
-    cache = G.KVCache()
-    chunks = [G.gpt_forward(model, ids[:, a:b], cache) for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
+    decoder, cache = G.Decoder(model), G.KVCache()
+    chunks = [decoder.forward(ids[:, a:b], cache) for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
     with torch.no_grad():
         full = model(ids)[0]
-    assert len(cache) == 20 and cache.keys[0].shape == (2, 4, 20, 8)
+    assert len(cache) == cache.get_seq_length() == 20 and cache.keys[0].shape == (2, 4, 20, 8)
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
 
 
-def test_gpt_greedy_cached_equals_uncached_equals_model_generate():
-    model = tiny_gpt()
+@pytest.mark.parametrize("variant", [{}, dict(position="learned", mlp="gelu")])
+def test_gpt_greedy_cached_equals_uncached_equals_the_plain_loop(variant):
+    model = tiny_gpt(**variant)
     prompt = [5, 9, 2, 33, 7]
     cached = G.generate(model, prompt, 30)
     assert cached == G.generate(model, prompt, 30, use_cache=False)
-    assert cached == model.generate(torch.tensor([prompt]), 30, temperature=0)[0, 5:].tolist()
+    assert cached == argmax_loop(model, prompt, 30)
     assert len(set(cached)) > 3, "the test model should not repeat one token"
 
 
-def test_gpt_learned_positions_cache_too():
-    model = tiny_gpt(position="learned", mlp="gelu")
-    want = model.generate(torch.tensor([[3, 4, 5]]), 20, temperature=0)[0, 3:].tolist()
-    assert G.generate(model, [3, 4, 5], 20) == want
+def test_generation_continues_from_a_prefix_cache_and_leaves_it_as_it_was():
+    model = tiny_gpt()
+    prompt = [5, 9, 2, 33, 7, 1, 40]
+    prefix = G.KVCache()
+    G.Decoder(model).forward(torch.tensor([prompt[:4]]), prefix)
+    keys = [k.clone() for k in prefix.keys]
+    assert G.generate(model, prompt, 20, past_key_values=prefix) == G.generate(model, prompt, 20)
+    assert len(prefix) == 4 and all(torch.equal(a, b) for a, b in zip(prefix.keys, keys))
+    with pytest.raises(ValueError, match="fewer than the prompt"):
+        G.generate(model, prompt[:4], 5, past_key_values=prefix)
 
 
 def test_generation_stops_at_eos_and_respects_the_context():

@@ -1,5 +1,6 @@
-"""llmlab.model: config validation, shapes, the loss at init, learning, and the exact
-Hugging Face Llama export (logits and greedy tokens against `transformers`)."""
+"""llmlab.model: config validation, shapes, the loss at init, learning, the forward with a KV
+cache and left padding, and the exact Hugging Face Llama export (logits and greedy tokens
+against `transformers`)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import torch
 
 from llmlab import model as M
 from llmlab import tokenizer as tk
+from llmlab.kvcache import KVCache
 
 TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
 
@@ -145,23 +147,48 @@ def test_dropout_only_in_training():
 
 
 # ----------------------------------------------------------------------------------------
-# Generation
+# The forward with a KV cache (past_key_values), an attention mask and positions
 
 
-def test_generate_greedy_and_sampling():
-    model = tiny()
-    prompt = torch.randint(0, 67, (2, 5))
-    out = model.generate(prompt, 30, temperature=0)  # 35 > block_size: the context is cropped
-    assert out.shape == (2, 35) and torch.equal(out[:, :5], prompt)
-    assert model.training  # generate restores the mode it found
-    assert torch.equal(model.generate(prompt, 30, temperature=0), out)
-    assert torch.equal(model.generate(prompt, 10, top_k=1)[:, :15], out[:, :15])  # top-1 = greedy
-    g = torch.Generator().manual_seed(1)
-    a = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=g)
-    g.manual_seed(1)
-    assert torch.equal(a, model.generate(prompt, 10, temperature=1.0, top_k=5, generator=g))
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, 1, temperature=-1)
+@pytest.mark.parametrize("variant", [{}, dict(position="learned", mlp="gelu")])
+def test_forward_with_a_cache_equals_the_full_forward(variant):
+    model = scramble(tiny(**variant)).eval()
+    idx = torch.randint(0, 67, (2, 20))
+    cache = KVCache()
+    with torch.no_grad():
+        full = model(idx)[0]
+        chunks = [model(idx[:, a:b], past_key_values=cache)[0] for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
+    assert cache.get_seq_length() == 20 and cache.keys[1].shape == (2, 4, 20, 8)
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence length 25 exceeds block_size=24"):
+        model(idx[:, :5], past_key_values=cache)
+
+
+def test_left_padding_with_mask_and_positions_equals_each_row_alone():
+    from llmlab.generate import decoder_mask, left_pad, position_ids
+
+    model = scramble(tiny()).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=decoder_mask(mask, 6), position_ids=position_ids(mask, 6))[0]
+        for row, p in enumerate(prompts):
+            alone = model(torch.tensor([p]))[0][0]
+            assert torch.allclose(batched[row, 6 - len(p):], alone, atol=1e-5)
+
+
+def test_hf_greedy_generation_matches():
+    model = scramble(tiny()).eval()
+    hf = M.to_hf_llama(model)  # no eos id: HF must not stop early
+    prompt = torch.randint(0, 67, (2, 6))
+    cache, out = KVCache(), [prompt]
+    with torch.no_grad():  # greedy decoding with the cache, one new token per forward
+        logits = model(prompt, past_key_values=cache)[0]
+        for _ in range(18):
+            out.append(logits[:, -1].argmax(dim=-1, keepdim=True))
+            logits = model(out[-1], past_key_values=cache)[0]
+    theirs = hf.generate(prompt, max_new_tokens=18, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(torch.cat(out, dim=1), theirs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,15 +212,6 @@ def test_hf_llama_export_has_identical_logits(tmp_path, variant):
     assert (ours - theirs).abs().max().item() < 1e-5
     loaded_tok = AutoTokenizer.from_pretrained(tmp_path)
     assert hf.config.eos_token_id == loaded_tok.eos_token_id == 0
-
-
-def test_hf_greedy_generation_matches():
-    model = scramble(tiny()).eval()
-    hf = M.to_hf_llama(model)  # no eos id: HF must not stop early
-    prompt = torch.randint(0, 67, (2, 6))
-    ours = model.generate(prompt, 18, temperature=0)
-    theirs = hf.generate(prompt, max_new_tokens=18, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("overrides,field", [(dict(position="learned"), "position"), (dict(mlp="gelu"), "mlp")])

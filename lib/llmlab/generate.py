@@ -3,10 +3,11 @@
 Read top-down:
 1. sampling — the logits processors (repetition and length penalties, temperature, top-k,
    top-p), then greedy or a seeded draw;
-2. the KV cache — keys and values of the past, so each new token costs one position of
-   work instead of the whole context; a cached attention path for the course GPT;
-3. `Decoder` — one interface over the course GPT and Hugging Face causal LMs (which take
-   the same cache as `past_key_values`);
+2. the KV cache — keys and values of the past (`llmlab.kvcache.KVCache`), so each new token
+   costs one position of work instead of the whole context; the models take it as
+   `past_key_values`; the padding mask and positions of a batch of ragged prompts;
+3. `Decoder` — one interface over the course GPT and Hugging Face causal LMs: padding mask
+   and positions in, logits of the new tokens out, the cache extended;
 4. generation loops — one sequence (cached or not), a batch of ragged prompts (left padding
    and an attention mask), speculative decoding with a draft model;
 5. text — incremental detokenising with stop strings, for streaming.
@@ -26,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmlab.attention import apply_rotary, merge_heads, split_heads
+from llmlab.kvcache import KVCache
 
 if TYPE_CHECKING:  # transformers is slow to import; only HF models need it
     import transformers
 
-    from llmlab.model import GPT, CausalSelfAttention
+    from llmlab.model import GPT
 
 # ----------------------------------------------------------------------------------------
 # 1. Sampling
@@ -162,99 +163,7 @@ def sample(
 
 
 # ----------------------------------------------------------------------------------------
-# 2. The KV cache
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, with their padding mask.
-
-    Per layer: keys and values (B, n_kv_heads, L, head_dim); `mask` (B, L) is 1 for a real
-    token and 0 for padding. A decoding step appends one position per row; `crop` forgets
-    the last positions (speculative decoding rejects drafts), `select` keeps some rows (a
-    finished request leaves the batch) and `cat` stacks caches of different lengths by
-    left-padding the shorter ones (a request joins a running batch).
-    """
-
-    def __init__(self):
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
-        self.mask: Tensor | None = None  # (B, L) long
-
-    def __len__(self) -> int:
-        """Number of positions held (padding included)."""
-        return 0 if self.mask is None else self.mask.size(1)
-
-    @property
-    def batch_size(self) -> int:
-        """Number of rows (sequences)."""
-        return 0 if self.mask is None else self.mask.size(0)
-
-    def extend_mask(self, attention_mask: Tensor) -> Tensor:
-        """Record the (B, T) mask of the tokens about to be added; return the (B, L + T) mask of all."""
-        self.mask = attention_mask if self.mask is None else torch.cat([self.mask, attention_mask], dim=1)
-        return self.mask
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the new keys and values (B, H, T, d) of `layer`; return all of them (B, H, L + T, d)."""
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=-2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=-2)
-        return self.keys[layer], self.values[layer]
-
-    def set_layers(self, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Replace every layer's keys and values (B, H, L, d) at once (read back from a model's own cache)."""
-        self.keys, self.values = list(keys), list(values)
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions."""
-        self.keys = [k[..., :length, :] for k in self.keys]
-        self.values = [v[..., :length, :] for v in self.values]
-        if self.mask is not None:
-            self.mask = self.mask[:, :length]
-
-    def select(self, rows: Sequence[int] | Tensor) -> None:
-        """Keep only `rows` (in that order), then drop leading positions that are padding in every row."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.mask = self.mask[rows]
-        if self.mask.size(0):
-            leading = int((self.mask.sum(0) > 0).long().argmax())  # first position some row uses
-            if leading:
-                self.crop_left(leading)
-
-    def crop_left(self, n: int) -> None:
-        """Drop the first `n` positions (padding in every row)."""
-        self.keys = [k[..., n:, :] for k in self.keys]
-        self.values = [v[..., n:, :] for v in self.values]
-        self.mask = self.mask[:, n:]
-
-    def pad_left(self, n: int) -> None:
-        """Prepend `n` padding positions (zero keys and values, mask 0) to every row."""
-        if n == 0:
-            return
-        self.keys = [F.pad(k, (0, 0, n, 0)) for k in self.keys]
-        self.values = [F.pad(v, (0, 0, n, 0)) for v in self.values]
-        self.mask = F.pad(self.mask, (n, 0))
-
-    @staticmethod
-    def cat(caches: Sequence["KVCache"]) -> "KVCache":
-        """One cache holding the rows of all `caches`, left-padded to the longest."""
-        caches = [c for c in caches if c.batch_size]
-        length = max(len(c) for c in caches)
-        padded = []
-        for c in caches:
-            c = copy.copy(c)
-            c.pad_left(length - len(c))
-            padded.append(c)
-        out = KVCache()
-        out.keys = [torch.cat(layer, dim=0) for layer in zip(*(c.keys for c in padded))]
-        out.values = [torch.cat(layer, dim=0) for layer in zip(*(c.values for c in padded))]
-        out.mask = torch.cat([c.mask for c in padded], dim=0)
-        return out
+# 2. The KV cache (`kvcache.KVCache`, re-exported here): padding mask and positions
 
 
 def decoder_mask(attention_mask: Tensor, T: int) -> Tensor:
@@ -275,53 +184,6 @@ def decoder_mask(attention_mask: Tensor, T: int) -> Tensor:
 def position_ids(attention_mask: Tensor, T: int) -> Tensor:
     """(B, L) attention mask -> (B, T) positions of the last T tokens, counted from each row's first real token."""
     return (attention_mask.long().cumsum(dim=-1)[:, -T:] - 1).clamp(min=0)
-
-
-def cached_attention(
-    attn: "CausalSelfAttention", x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor,
-    cache: KVCache, layer: int,
-) -> Tensor:
-    """The course GPT's attention for new tokens x (B, T, C), reading the past from `cache` -> (B, T, C).
-
-    Only the new tokens are projected; their keys and values join the cache, and their
-    queries attend over past + new. rope: (cos, sin) each (B, 1, T, head_dim) at the new
-    tokens' positions. mask: (B, 1, T, L) bool from `decoder_mask`.
-    """
-    q = split_heads(attn.q_proj(x), attn.n_heads)  # (B, H, T, head_dim)
-    k = split_heads(attn.k_proj(x), attn.n_heads)
-    v = split_heads(attn.v_proj(x), attn.n_heads)
-    if rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    k, v = cache.update(layer, k, v)  # (B, H, L, head_dim): the past and the new
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, head_dim)
-    return attn.o_proj(merge_heads(y))  # (B, T, C)
-
-
-def gpt_forward(model: "GPT", input_ids: Tensor, cache: KVCache, attention_mask: Tensor | None = None) -> Tensor:
-    """Logits (B, T, V) of the new tokens input_ids (B, T) of a course GPT, continuing from `cache`.
-
-    attention_mask: (B, T) of the new tokens (1 = real, 0 = left padding), default all ones.
-    The same blocks as `GPT.forward`, with `cached_attention` in place of a full recompute.
-    """
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    full_mask = cache.extend_mask(attention_mask.to(input_ids.device))  # (B, L)
-    if full_mask.size(1) > model.config.block_size:
-        raise ValueError(f"sequence length {full_mask.size(1)} exceeds block_size={model.config.block_size}")
-    positions = position_ids(full_mask, T)  # (B, T)
-    mask = decoder_mask(full_mask, T)  # (B, 1, T, L)
-    x = model.embed_tokens(input_ids)  # (B, T, C)
-    rope = None
-    if model.embed_positions is not None:
-        x = x + model.embed_positions(positions)
-    else:
-        rope = (model.rope_cos[positions][:, None], model.rope_sin[positions][:, None])  # (B, 1, T, head_dim)
-    x = model.dropout(x)
-    for layer, block in enumerate(model.layers):
-        x = x + cached_attention(block.self_attn, block.input_layernorm(x), rope, mask, cache, layer)
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x))  # (B, T, V)
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,32 +222,25 @@ class Decoder:
         attention_mask: (B, T) for the new tokens, 1 = real, 0 = left padding.
         """
         input_ids = input_ids.to(self.device)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
+        if self.is_gpt and cache is None and attention_mask is None:
+            return self.model(input_ids)[0].float()  # plain causal: the fused kernel's fast path
+        T = input_ids.size(1)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        full_mask = attention_mask if cache is None else cache.extend_mask(attention_mask)  # (B, L)
+        positions = position_ids(full_mask, T)  # (B, T)
         if self.is_gpt:
-            if cache is None and attention_mask is None:
-                return self.model(input_ids)[0].float()  # the model's own full forward
-            return gpt_forward(self.model, input_ids, KVCache() if cache is None else cache, attention_mask).float()
-        return self._hf_forward(input_ids, cache, attention_mask)
-
-    def _hf_forward(self, input_ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None) -> Tensor:
+            return self.model(input_ids, attention_mask=decoder_mask(full_mask, T), position_ids=positions,
+                              past_key_values=cache)[0].float()
+        if cache is None:
+            out = self.model(input_ids, attention_mask=full_mask, position_ids=positions, use_cache=False)
+            return out.logits.float()
         from transformers import DynamicCache
 
-        T = input_ids.size(1)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if cache is None:
-            full_mask = attention_mask
-            out = self.model(input_ids, attention_mask=full_mask, position_ids=position_ids(full_mask, T),
-                             use_cache=False)
-            return out.logits.float()
-        past = len(cache)
-        full_mask = cache.extend_mask(attention_mask)
         # Hugging Face's own cache object, filled with our tensors (no copy), read back after.
         hf_cache = (DynamicCache(ddp_cache_data=list(zip(cache.keys, cache.values)), config=self.model.config)
-                    if past else DynamicCache(config=self.model.config))
-        out = self.model(input_ids, attention_mask=full_mask, position_ids=position_ids(full_mask, T),
-                         use_cache=True, **{self._cache_arg: hf_cache})
+                    if cache.keys else DynamicCache(config=self.model.config))
+        out = self.model(input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                         **{self._cache_arg: hf_cache})
         cache.set_layers([layer.keys for layer in hf_cache.layers], [layer.values for layer in hf_cache.layers])
         return out.logits.float()
 
@@ -420,18 +275,25 @@ def _check_length(decoder: Decoder, prompt_len: int, max_new_tokens: int, extra:
 def stream(
     model: "Decoder | GPT | transformers.PreTrainedModel", prompt_ids: Sequence[int], max_new_tokens: int,
     sampling: SamplingParams = GREEDY, eos_token_id: int | Sequence[int] | None = None,
-    generator: torch.Generator | None = None, use_cache: bool = True,
+    generator: torch.Generator | None = None, use_cache: bool = True, past_key_values: KVCache | None = None,
 ) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids for one prompt, one at a time, ending after an eos id.
 
     use_cache=False recomputes the whole sequence at every step: same tokens, O(n^2) work.
+    past_key_values: a cache of the prompt's first len(past_key_values) tokens (a system
+    prompt shared by many requests, say), read and left as it is: only the rest is prefilled.
     """
     decoder = as_decoder(model)
     _check_length(decoder, len(prompt_ids), max_new_tokens)
     eos = eos_ids(eos_token_id)
     ids = torch.tensor([list(prompt_ids)], device=decoder.device)  # (1, T)
-    cache = KVCache() if use_cache else None
-    logits = decoder.forward(ids, cache)[:, -1]  # (1, V): the prefill
+    cache, start = (KVCache() if use_cache else None), 0
+    if past_key_values is not None:
+        if not use_cache or past_key_values.batch_size != 1 or len(past_key_values) >= ids.size(1):
+            raise ValueError(f"past_key_values must hold one row of fewer than the prompt's {ids.size(1)} tokens, "
+                             f"with use_cache=True")
+        cache, start = past_key_values.copy(), len(past_key_values)
+    logits = decoder.forward(ids[:, start:], cache)[:, -1]  # (1, V): the prefill
     for step in range(max_new_tokens):
         token = sample(logits, sampling, generator, ids, step, eos)  # (1,)
         yield int(token)
@@ -444,10 +306,11 @@ def stream(
 def generate(
     model: "Decoder | GPT | transformers.PreTrainedModel", prompt_ids: Sequence[int], max_new_tokens: int,
     sampling: SamplingParams = GREEDY, eos_token_id: int | Sequence[int] | None = None,
-    generator: torch.Generator | None = None, use_cache: bool = True,
+    generator: torch.Generator | None = None, use_cache: bool = True, past_key_values: KVCache | None = None,
 ) -> list[int]:
     """The new token ids for one prompt (see `stream`)."""
-    return list(stream(model, prompt_ids, max_new_tokens, sampling, eos_token_id, generator, use_cache))
+    return list(stream(model, prompt_ids, max_new_tokens, sampling, eos_token_id, generator, use_cache,
+                       past_key_values))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -710,12 +573,16 @@ class TextStream:
 def complete(
     model: "Decoder | GPT | transformers.PreTrainedModel", tokenizer: "transformers.PreTrainedTokenizerBase",
     prompt: str, max_new_tokens: int, sampling: SamplingParams = GREEDY, stop: Sequence[str] = (),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, past_key_values: KVCache | None = None,
 ) -> str:
-    """Generate a text continuation of `prompt`, ending at the tokenizer's eos or a stop string."""
+    """Generate a text continuation of `prompt`, ending at the tokenizer's eos or a stop string.
+
+    past_key_values: a cache of the first tokens of the prompt (see `stream`).
+    """
     text = TextStream(tokenizer, stop)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    for token in stream(model, ids, max_new_tokens, sampling, tokenizer.eos_token_id, generator):
+    for token in stream(model, ids, max_new_tokens, sampling, tokenizer.eos_token_id, generator,
+                        past_key_values=past_key_values):
         text.push(token)
         if text.stopped:
             break

@@ -4,6 +4,11 @@ Read top-down: RMSNorm -> causal self-attention (lab 1's `MultiHeadAttention`, m
 and rotary) -> MLP (SwiGLU, or GPT-2's GELU for comparison) -> Block -> GPTConfig -> GPT ->
 export to a Hugging Face `LlamaForCausalLM`.
 
+One forward serves training and generation. Like a Hugging Face model, `GPT.forward` takes
+optional `past_key_values` (an `llmlab.kvcache.KVCache` of the earlier tokens' keys and
+values), an `attention_mask` and `position_ids`: then only the new tokens are computed, and
+their keys and values join the cache.
+
 Architecture, in one paragraph: token embeddings, then `n_layer` pre-norm residual blocks
 `x = x + attn(norm(x)); x = x + mlp(norm(x))`, a final norm, and a linear head that shares
 its weight with the token embedding (weight tying). Positions enter through RoPE inside
@@ -27,11 +32,14 @@ from torch import Tensor
 
 from llmlab.attention import MultiHeadAttention, apply_rotary, merge_heads, rope_cache, split_heads
 
-if TYPE_CHECKING:  # transformers is slow to import; only the export needs it
+if TYPE_CHECKING:  # types only (transformers is slow to import; only the export needs it)
     import tokenizers
     import transformers
 
+    from llmlab.kvcache import KVCache
+
 IGNORE_INDEX = -100  # targets equal to this are left out of the loss (PyTorch and HF convention)
+
 
 # ----------------------------------------------------------------------------------------
 # Building blocks
@@ -61,12 +69,22 @@ class CausalSelfAttention(MultiHeadAttention):
     in for `causal_mask(T)`.
     """
 
-    def __init__(self, config: "GPTConfig"):
+    def __init__(self, config: "GPTConfig", layer_idx: int = 0):
         super().__init__(config.n_embd, config.n_head, bias=config.bias, dropout=config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.layer_idx = layer_idx  # which of the cache's layers holds this layer's keys and values
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x: (B, T, C), rope: (cos, sin) each (T, head_dim) or None -> (B, T, C)."""
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, C) -> (B, T, C).
+
+        rope: (cos, sin), each (T, head_dim) or (B, 1, T, head_dim), at the tokens' positions.
+        attention_mask: bool (B or 1, 1, T, L), True = may attend; None = causal.
+        past_key_values: the earlier tokens' keys and values; the new ones are appended, and
+            the queries attend over past + new (L positions).
+        """
         q = split_heads(self.q_proj(x), self.n_heads)  # (B, n_head, T, head_dim)
         k = split_heads(self.k_proj(x), self.n_heads)
         v = split_heads(self.v_proj(x), self.n_heads)
@@ -74,8 +92,14 @@ class CausalSelfAttention(MultiHeadAttention):
             # Rotate queries and keys (not values) by their position: q.k then depends only
             # on the distance between the two tokens.
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        T = q.size(-2)
+        if past_key_values is not None:
+            k, v = past_key_values.update(self.layer_idx, k, v)  # (B, n_head, L, head_dim): past and new
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if attention_mask is None and k.size(-2) > T > 1:  # causal, with the past all visible
+            attention_mask = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).tril(k.size(-2) - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p,
+                                           is_causal=attention_mask is None and T > 1)
         return self.resid_dropout(self.o_proj(merge_heads(y)))  # (B, T, C)
 
 
@@ -111,16 +135,19 @@ class GELUMLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block: communicate (attention), then compute (MLP)."""
 
-    def __init__(self, config: "GPTConfig"):
+    def __init__(self, config: "GPTConfig", layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = CausalSelfAttention(config)
+        self.self_attn = CausalSelfAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GELUMLP(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> Tensor:
         """(B, T, C) -> (B, T, C). The residual stream x is only ever added to."""
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+        x = x + self.self_attn(self.input_layernorm(x), rope, attention_mask, past_key_values)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -131,7 +158,7 @@ class Block(nn.Module):
 
 @dataclass
 class GPTConfig:
-    """Shape and regularisation of a GPT; the defaults are the 1.3M-parameter QUICK model."""
+    """Shape and regularisation of a GPT; the defaults make a 1.3M-parameter model."""
 
     vocab_size: int = 4096  # number of token ids (the tokenizer's vocabulary size)
     block_size: int = 128  # longest context, in tokens
@@ -193,11 +220,11 @@ class GPT(nn.Module):
             nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the head scores token t by the dot product with t's own embedding.
-        # One (vocab, n_embd) matrix instead of two: 40% of the 1.3M-parameter QUICK model.
+        # One (vocab, n_embd) matrix instead of two: 40% of the parameters of the default config.
         self.lm_head.weight = self.embed_tokens.weight
         if config.position == "rope":
             cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_theta)
@@ -220,65 +247,48 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Next-token logits, and the mean cross-entropy when targets are given.
 
         Args:
-            idx: (B, T) token ids, T <= block_size.
+            idx: (B, T) token ids (with a cache: the new tokens only).
             targets: (B, T) the ids that follow (idx shifted left by one); IGNORE_INDEX
                 positions are skipped.
+            attention_mask: bool (B or 1, 1, T, L), True = may attend, over the L = past + T
+                positions (`llmlab.generate.decoder_mask` makes one from a padding mask);
+                None = causal.
+            position_ids: (B, T) or (T,) positions of the new tokens; None = past, past + 1, ...
+            past_key_values: the earlier tokens' keys and values, extended in place.
         Returns:
             logits (B, T, vocab_size) and loss (a scalar) or None.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds block_size={self.config.block_size}")
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
         if self.embed_positions is not None:
-            x = x + self.embed_positions(torch.arange(T, device=idx.device))  # (T, C) broadcasts
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=idx.device)
+            x = x + self.embed_positions(position_ids)  # (T, C) or (B, T, C): broadcasts
+        elif position_ids is None:
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # each (T, head_dim)
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])  # each (T, head_dim)
+            # (B, 1, T, head_dim) for per-row positions (left padding): broadcasts over heads
+            rope = tuple(t[position_ids].view(-1, 1, T, t.size(-1)) for t in (self.rope_cos, self.rope_sin))
         x = self.dropout(x)
         for block in self.layers:
-            x = block(x, rope)
+            x = block(x, rope, attention_mask, past_key_values)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             # Cross-entropy over all B*T positions at once; autocast computes it in float32.
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(
-        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
-
-        temperature=0 is greedy decoding (argmax); top_k keeps only the k likeliest tokens.
-        Every step reruns the whole context (lab 5 adds a KV cache); a context longer than
-        block_size is cropped to its last block_size tokens.
-        """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float()  # (B, vocab_size): only the last position predicts
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, next_id], dim=1)
-        self.train(was_training)
-        return idx
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters (the tied embedding/head counted once), optionally without embeddings."""
@@ -301,8 +311,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # The fused kernel updates every tensor in one pass (CPU and CUDA); on the QUICK
-        # model its step is ~4x faster than the default per-tensor loop.
+        # The fused kernel updates every tensor in one pass (CPU and CUDA) instead of one
+        # small kernel per tensor, the cost that dominates a small model's optimizer step.
         fused = next(self.parameters()).device.type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
     import transformers
+
+    from llmlab.kvcache import KVCache
 
 
 class Backend(Protocol):
@@ -41,19 +43,22 @@ class ScriptedBackend:
 
 
 class HFBackend:
-    """A local Hugging Face causal LM through its chat template, greedy decoding."""
+    """A local Hugging Face causal LM through its chat template, greedy, decoded by `llmlab.generate`.
+
+    The system message's keys and values are computed once and reused (prefix caching):
+    every call of a run, and every run with the same tools, starts with that message.
+    """
 
     def __init__(self, model: "transformers.PreTrainedModel", tokenizer: "transformers.PreTrainedTokenizerBase",
                  max_new_tokens: int = 64):
-        import inspect
+        from llmlab import generate
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
-        # transformers 5 renamed the cache argument `past_key_values` to `cache`
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.decoder = generate.Decoder(self.model)
         self._prefix_text: str | None = None  # the system message whose keys and values are cached
-        self._prefix: tuple[Any, Any] | None = None  # (its token ids (1, P), its DynamicCache)
+        self._prefix: tuple[list[int], KVCache] | None = None  # (its token ids, its keys and values)
 
     @classmethod
     def from_pretrained(cls, name: str = "smollm2-135m-instruct", adapter: str | Path | None = None,
@@ -75,45 +80,31 @@ class HFBackend:
         return cls(model.to(dev), tokenizer, max_new_tokens)
 
     def complete(self, messages: list[dict], stop: Sequence[str] = ()) -> str:
-        """Greedy continuation of the chat, cut at the first stop string."""
-        import copy
-
-        import torch
+        """Greedy continuation of the chat, at most max_new_tokens, cut before the first stop string."""
+        from llmlab import generate
 
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        cached = {}
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         prefix = self._system_cache(messages)
-        ids = inputs["input_ids"]
-        if prefix is not None and ids.size(1) > prefix[0].size(1) and torch.equal(ids[:, :prefix[0].size(1)], prefix[0]):
-            cached[self._cache_arg] = copy.deepcopy(prefix[1])  # generation appends to it: keep ours clean
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad,
-                                      stop_strings=list(stop) or None, tokenizer=self.tokenizer, **cached)
-        text = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for s in stop:
-            text = text.split(s, 1)[0]
-        return text
+        past = None
+        if prefix is not None and len(ids) > len(prefix[0]) and ids[:len(prefix[0])] == prefix[0]:
+            past = prefix[1]  # read, never changed: generation extends a copy
+        return generate.complete(self.decoder, self.tokenizer, prompt, self.max_new_tokens, generate.GREEDY, stop,
+                                 past_key_values=past)
 
-
-    def _system_cache(self, messages: list[dict]) -> tuple[Any, Any] | None:
-        """Prefix caching: the keys and values of the system message, computed once per system prompt.
-
-        Every call of a run (and every run with the same tools) starts with the same system
-        message; reusing its cache skips most of the prompt's forward pass.
-        """
+    def _system_cache(self, messages: list[dict]) -> tuple[list[int], KVCache] | None:
+        """(token ids, KVCache) of the system message, computed once per system prompt; None without one."""
         import torch
-        from transformers import DynamicCache
+
+        from llmlab import generate
 
         if not messages or messages[0]["role"] != "system":
             return None
         text = self.tokenizer.apply_chat_template(messages[:1], tokenize=False)
         if text != self._prefix_text:
-            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.model.device)
-            cache = DynamicCache(config=self.model.config)
-            with torch.no_grad():
-                self.model(ids, use_cache=True, **{self._cache_arg: cache})
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            cache = generate.KVCache()
+            self.decoder.forward(torch.tensor([ids]), cache)
             self._prefix_text, self._prefix = text, (ids, cache)
         return self._prefix
 

@@ -1,0 +1,115 @@
+"""The KV cache: keys and values of the tokens seen so far, so a new token costs one position of work.
+
+A model's forward takes it as `past_key_values` (as Hugging Face models take a `DynamicCache`)
+and appends the new tokens' keys and values layer by layer; `llmlab.generate` and
+`llmlab.serve` keep the padding mask of a batch with it and reshape it as requests come and go.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, with their padding mask.
+
+    Per layer: keys and values (B, n_kv_heads, L, head_dim); `mask` (B, L) is 1 for a real
+    token and 0 for padding. A decoding step appends one position per row; `crop` forgets
+    the last positions (speculative decoding rejects drafts), `select` keeps some rows (a
+    finished request leaves the batch) and `cat` stacks caches of different lengths by
+    left-padding the shorter ones (a request joins a running batch).
+    """
+
+    def __init__(self):
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.mask: Tensor | None = None  # (B, L) long
+
+    def __len__(self) -> int:
+        """Number of positions held (padding included)."""
+        return 0 if self.mask is None else self.mask.size(1)
+
+    def get_seq_length(self) -> int:
+        """Number of positions whose keys and values are held (what a model's forward continues from)."""
+        return self.keys[0].size(-2) if self.keys else 0
+
+    def copy(self) -> "KVCache":
+        """The same tensors in new lists: extending the copy leaves this cache as it is."""
+        out = KVCache()
+        out.keys, out.values, out.mask = list(self.keys), list(self.values), self.mask
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows (sequences)."""
+        return 0 if self.mask is None else self.mask.size(0)
+
+    def extend_mask(self, attention_mask: Tensor) -> Tensor:
+        """Record the (B, T) mask of the tokens about to be added; return the (B, L + T) mask of all."""
+        self.mask = attention_mask if self.mask is None else torch.cat([self.mask, attention_mask], dim=1)
+        return self.mask
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new keys and values (B, H, T, d) of `layer`; return all of them (B, H, L + T, d)."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=-2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=-2)
+        return self.keys[layer], self.values[layer]
+
+    def set_layers(self, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Replace every layer's keys and values (B, H, L, d) at once (read back from a model's own cache)."""
+        self.keys, self.values = list(keys), list(values)
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions."""
+        self.keys = [k[..., :length, :] for k in self.keys]
+        self.values = [v[..., :length, :] for v in self.values]
+        if self.mask is not None:
+            self.mask = self.mask[:, :length]
+
+    def select(self, rows: Sequence[int] | Tensor) -> None:
+        """Keep only `rows` (in that order), then drop leading positions that are padding in every row."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.mask = self.mask[rows]
+        if self.mask.size(0):
+            leading = int((self.mask.sum(0) > 0).long().argmax())  # first position some row uses
+            if leading:
+                self.crop_left(leading)
+
+    def crop_left(self, n: int) -> None:
+        """Drop the first `n` positions (padding in every row)."""
+        self.keys = [k[..., n:, :] for k in self.keys]
+        self.values = [v[..., n:, :] for v in self.values]
+        self.mask = self.mask[:, n:]
+
+    def pad_left(self, n: int) -> None:
+        """Prepend `n` padding positions (zero keys and values, mask 0) to every row."""
+        if n == 0:
+            return
+        self.keys = [F.pad(k, (0, 0, n, 0)) for k in self.keys]
+        self.values = [F.pad(v, (0, 0, n, 0)) for v in self.values]
+        self.mask = F.pad(self.mask, (n, 0))
+
+    @staticmethod
+    def cat(caches: Sequence["KVCache"]) -> "KVCache":
+        """One cache holding the rows of all `caches`, left-padded to the longest."""
+        caches = [c for c in caches if c.batch_size]
+        length = max(len(c) for c in caches)
+        padded = []
+        for c in caches:
+            c = c.copy()
+            c.pad_left(length - len(c))
+            padded.append(c)
+        out = KVCache()
+        out.keys = [torch.cat(layer, dim=0) for layer in zip(*(c.keys for c in padded))]
+        out.values = [torch.cat(layer, dim=0) for layer in zip(*(c.values for c in padded))]
+        out.mask = torch.cat([c.mask for c in padded], dim=0)
+        return out
