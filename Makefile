@@ -23,15 +23,15 @@ system:
 	    else echo "warning: missing $$missing and no root: grading falls back to the process sandbox, the browser test is skipped"; fi; \
 	  fi
 
-## course: the main job — assets, release, every lab headless in QUICK mode, grade sample submissions.
+## course: the main job — assets (`llmlab build --missing`), release, every lab headless in QUICK mode,
+## grade sample submissions.
 course: $(STAMP) system
 	$(BIN)/llmlab course
 
-## test: the test suite (CI runs this). pytest's "no tests collected" (exit 5) counts as a failure.
+## test: the test suite (CI runs this), after `llmlab build --missing` has filled the asset cache.
+## pytest's "no tests collected" (exit 5) counts as a failure.
 test: $(STAMP) system
-	$(BIN)/llmlab assets fetch
-	$(BIN)/llmlab assets path course-gpt >/dev/null 2>&1 || $(BIN)/llmlab build course-gpt --quick
-	$(BIN)/llmlab build tool-use-adapter  # lab 6's LoRA: trained once (12-17 min on 2 cores), then cached
+	$(BIN)/llmlab build --missing
 	$(BIN)/python -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

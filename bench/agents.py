@@ -1,6 +1,6 @@
 """Task success of a small model as a ReAct agent, prompted only vs with lab 6's tool-use LoRA.
 
-    .venv/bin/python bench/agents.py [--episodes 30] [--max-steps 3] [--threads N]
+    .venv/bin/python bench/agents.py [--episodes 30] [--max-steps 3] [--threads N] [--adapter-seed S]
     python bench/agents.py --device cuda --episodes 60 --max-steps 4      # on a GPU
 
 The suite is the held-out split of `data.tool_episodes` (no question shared with the
@@ -9,17 +9,21 @@ model can know those answers) and questions that need no tool. Each agent gets t
 tools, greedy decoding, at most `--max-steps` model calls and `--budget` seconds per
 episode; an episode succeeds when the final answer matches (normalised; numbers by value).
 Prints success per kind, model calls and wall-clock per episode, and how runs ended.
-Building the adapter the first time takes ~10 min on a 2-core CPU (then it is cached).
+The adapter is the registry asset `tool-use-adapter` (`llmlab build --missing`); with
+`--adapter-seed S` it is built again with that recipe seed first (lora_A's init, which training
+episodes, the batch order), so that a figure can be averaged over seeds. The README's lab 6
+table holds the results.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import Counter
 
 import torch
 
-from llmlab import agent, data, runtime
+from llmlab import agent, assets, data, runtime
 
 
 def report(label: str, episodes: list[dict], result: agent.EvalResult) -> None:
@@ -33,13 +37,21 @@ def report(label: str, episodes: list[dict], result: agent.EvalResult) -> None:
     print("  ended: " + ", ".join(f"{s} {n}" for s, n in result.statuses.items() if n))
 
 
+def _manifest(name: str) -> dict:
+    """The cache manifest of asset `name` (its recipe and key)."""
+    return json.loads((assets.cache_dir(name) / assets.MANIFEST).read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--episodes", type=int, default=30, help="held-out episodes (default 30)")
     p.add_argument("--max-steps", type=int, default=3, help="model calls per episode (default 3)")
     p.add_argument("--budget", type=float, default=120.0, help="seconds per episode (default 120)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which held-out episodes (default 0)")
+    p.add_argument("--adapter-seed", type=int, default=None,
+                   help="build the adapter with this recipe seed first (default: the cached one as it is)")
+    p.add_argument("--adapter-only", action="store_true", help="skip the prompted-only baseline")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
@@ -52,9 +64,14 @@ def main() -> None:
           f"at most {args.max_steps} model calls each")
     tools = agent.default_tools()
     start = time.perf_counter()
-    adapter = agent.tool_use_adapter(device=args.device, progress=True)
-    print(f"adapter {adapter.name} ready in {time.perf_counter() - start:.0f} s")
-    for label, path in (("prompted only", None), ("LoRA fine-tuned", adapter)):
+    name = "tool-use-adapter"
+    if args.adapter_seed is not None and not (assets.is_cached(name) and _manifest(name)["recipe_key"]
+                                              == assets.recipe_key(name, {"seed": args.adapter_seed})):
+        assets.build(name, device=args.device, seed=args.adapter_seed)
+    adapter = agent.tool_use_adapter(device=args.device)
+    print(f"adapter {_manifest(name)['recipe']} ready in {time.perf_counter() - start:.0f} s")
+    runs = (("prompted only", None), ("LoRA fine-tuned", adapter))
+    for label, path in runs[args.adapter_only:]:
         backend = agent.HFBackend.from_pretrained(args.model, adapter=path, device=args.device, max_new_tokens=48)
         result = agent.evaluate(agent.Agent(backend, tools, args.max_steps, args.budget), episodes)
         report(label, episodes, result)

@@ -3,9 +3,9 @@
     .venv/bin/python bench/train_throughput.py [--steps 30] [--repeats 3] [--threads N]
     python bench/train_throughput.py --device cuda --model gpt2 --batch 8 --steps 20     # on a GPU
 
-Model: by default the 1.3M-parameter QUICK GPT (GPTConfig() defaults: 4 layers, width 128,
-4 heads, vocab 4096, context 128), batch 16 x 128 tokens, fp32 on CPU; `--model gpt2` is a
-124M GPT-2-sized one for GPUs. Rows:
+Model: by default `GPTConfig()`'s defaults (4 layers, width 128, 4 heads, vocab 4096, context
+128; the script prints its parameter count), batch 16 x 128 tokens, fp32 on CPU; `--model gpt2`
+is a 124M GPT-2-sized one for GPUs. Rows:
 - plain loop: forward, backward, `torch.optim.AdamW(model.parameters())` step; no schedule,
   accumulation, clipping or AMP (nanoGPT's loop with its extras switched off);
 - plain loop + fused AdamW: the same with `fused=True`, which `configure_optimizers` uses;
@@ -27,7 +27,7 @@ from llmlab.runtime import pick_device
 from llmlab.train import TrainConfig, train
 
 MODELS = {
-    "quick": GPTConfig(),  # 1.3M parameters, the QUICK model
+    "small": GPTConfig(),  # GPTConfig's defaults: a CPU-sized model (larger than lab 2's QUICK recipe)
     "gpt2": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),  # ~124M, GPU only
 }
 
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run (default 30)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    parser.add_argument("--model", choices=sorted(MODELS), default="quick", help="quick (default) or gpt2 (GPU)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small", help="small (default) or gpt2 (GPU)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()

@@ -12,7 +12,6 @@ import unicodedata
 
 import pytest
 
-from conftest import llmlab
 from llmlab import agent as A
 from llmlab import data
 
@@ -535,35 +534,3 @@ def test_merge_adapter_reads_both_adapter_formats(kind, tmp_path):
     assert (want - plain).abs().max() > 1e-3  # the adapter matters...
     assert torch.allclose(got, want, atol=1e-4)  # ...and the merged model computes the adapted function
     assert not any("lora" in name for name, _ in merged.named_modules())
-
-
-def test_tool_use_adapter_trains_once_then_comes_from_the_cache():
-    import torch
-    from safetensors.torch import load_file
-
-    from llmlab.lora import LoraConfig
-
-    recipe = A.AdapterRecipe(n_episodes=6, max_steps=1, batch_size=1,
-                             lora=LoraConfig(target_modules=("q_proj", "down_proj")))
-    assert recipe.key() != A.AdapterRecipe().key() != A.AdapterRecipe(lr=1e-3).key()
-    assert A.AdapterRecipe(lora=LoraConfig(r=4)).key() != A.AdapterRecipe(lora=LoraConfig(r=8)).key()
-    path = A.tool_use_adapter(recipe)
-    try:
-        keys = load_file(path).keys()
-        assert {k.split(".")[-3] for k in keys} == {"q_proj", "down_proj"}  # ...layers.N.<module>.lora_A.weight
-        assert len(keys) == 2 * 2 * 30  # A and B, two modules, 30 blocks of SmolLM2-135M
-        stamp, first = path.stat().st_mtime_ns, load_file(path)
-        assert A.tool_use_adapter(recipe) == path and path.stat().st_mtime_ns == stamp  # found, not trained again
-        path.unlink()
-        again = load_file(A.tool_use_adapter(recipe))  # trained again: the same recipe, the same weights
-        assert all(torch.equal(again[k], first[k]) for k in first)
-    finally:
-        path.unlink(missing_ok=True)
-    with pytest.raises(ValueError, match="max_steps"):
-        A.AdapterRecipe(max_steps=0)
-
-
-def test_cli_builds_the_tool_use_adapter_make_test_and_the_images_use():
-    done = llmlab("build", "tool-use-adapter")  # `make test` built it before pytest: found in the cache
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith(str(A.tool_use_adapter()))

@@ -6,10 +6,12 @@ Real fetches of registered assets need the package index and skip without it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import urllib.error
@@ -290,7 +292,7 @@ def test_resolution_order_cache_then_hub_then_an_error(tmp_path, monkeypatch):
     with pytest.raises(assets.AssetError, match="hub is unreachable; run: llmlab assets fetch minilm-l6"):
         assets.resolve("minilm-l6")
     monkeypatch.setattr(assets, "hub_reachable", lambda: True)
-    folder = assets.build("course-gpt", builder=lambda f: (f / "config.json").write_text("{}"))
+    folder = assets.build("course-gpt", builder=lambda f, **recipe: (f / "config.json").write_text("{}"))
     assert assets.resolve("course-gpt") == str(folder)  # the cache comes first
 
 
@@ -322,7 +324,7 @@ def test_the_hub_is_asked_once_per_process_with_a_short_timeout(monkeypatch):
 # The built asset
 
 
-def test_course_gpt_is_built_not_downloaded(tmp_path, monkeypatch):
+def test_course_gpt_is_built_not_downloaded(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
     monkeypatch.setattr(assets, "_download", no_download)
     for call in (assets.resolve, assets.fetch):
@@ -343,8 +345,8 @@ def test_course_gpt_is_built_not_downloaded(tmp_path, monkeypatch):
     (folder / "config.json").write_text('{"n_layer": 3}')
     with pytest.raises(assets.AssetError, match="config.json has the wrong sha256; run: llmlab build course-gpt"):
         assets.verify("course-gpt")
-    proc = llmlab("assets", "verify", "course-gpt", env={"LLMLAB_HOME": str(tmp_path)})
-    assert proc.returncode == 3 and "course-gpt: config.json has the wrong sha256" in proc.stderr
+    code, _, err = run_cli(capsys, "assets", "verify", "course-gpt")
+    assert code == 3 and "course-gpt: config.json has the wrong sha256" in err
 
 
 def tiny_checkpoint(folder: Path, n_layer: int = 1) -> None:
@@ -352,19 +354,127 @@ def tiny_checkpoint(folder: Path, n_layer: int = 1) -> None:
     (folder / "config.json").write_text(json.dumps({"n_layer": n_layer}))
 
 
+TINY_INPUTS = {"corpus": "v1"}  # what tiny-gpt's files depend on besides its recipe
+
+
+def tiny_inputs(**recipe) -> dict:
+    """`Asset.inputs` of tiny-gpt: the training data's version."""
+    return dict(TINY_INPUTS)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process, so the registry a test set up applies; (exit code, stdout, stderr)."""
+    from llmlab import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(list(args))
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def test_a_built_asset_is_keyed_by_its_recipe_and_build_missing_makes_what_the_cache_lacks(corpus, monkeypatch,
+                                                                                         capsys):
+    built = assets.Asset(name="tiny-gpt", kind="model", description="d", builder=f"{__name__}.tiny_checkpoint",
+                         recipe={"n_layer": 2}, inputs=f"{__name__}.tiny_inputs")
+    monkeypatch.setattr(assets, "REGISTRY", {corpus.name: corpus, built.name: built})
+    assert assets.missing() == ["fake-corpus", "tiny-gpt"] and assets.state("tiny-gpt") == "not built"
+    code, out, _ = run_cli(capsys, "build", "--missing")  # downloads fetched, built ones built, in registry order
+    assert code == 0 and re.match(r"fake-corpus: ready in \d+ s -> .*\ntiny-gpt: ready in \d+ s", out), out
+    folder = assets.cache_dir("tiny-gpt")
+    assert json.loads((folder / "config.json").read_text()) == {"n_layer": 2}
+    manifest = json.loads((folder / assets.MANIFEST).read_text())
+    assert manifest["recipe"] == {"n_layer": 2} and manifest["recipe_key"] == assets.recipe_key("tiny-gpt")
+    assert manifest["changed"] == {}
+    assert assets.missing() == [] and run_cli(capsys, "build", "--missing")[1] == "every asset is in the cache\n"
+
+    monkeypatch.setitem(TINY_INPUTS, "corpus", "v2")  # the training data changed: so does the key
+    assert assets.state("tiny-gpt") == "outdated" and assets.missing() == ["tiny-gpt"]
+    with pytest.raises(assets.AssetError, match="built from another recipe; run: llmlab build tiny-gpt$"):
+        assets.resolve("tiny-gpt")
+    with pytest.raises(assets.AssetError, match="tiny-gpt: the cached copy was built from another recipe"):
+        assets.verify("tiny-gpt")
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 1 and "✗ asset tiny-gpt outdated: run `llmlab build tiny-gpt`" in out
+    run_cli(capsys, "build", "--missing")
+    assert assets.state("tiny-gpt") == "cached"
+
+    assets.REGISTRY["tiny-gpt"] = dataclasses.replace(built, recipe={"n_layer": 3})  # the registry's recipe changed
+    assert assets.state("tiny-gpt") == "outdated"
+    assert run_cli(capsys, "build", "tiny-gpt")[0] == 0
+    assert json.loads((folder / "config.json").read_text()) == {"n_layer": 3}
+    assets.build("tiny-gpt", n_layer=5)  # a recipe of one's own (course-gpt --full) is recorded and counts
+    assert assets.state("tiny-gpt") == "cached" and assets.missing() == []
+    with pytest.raises(assets.AssetError, match="tiny-gpt: the recipe .*'depth': 2.* does not fit its builder"):
+        assets.build("tiny-gpt", depth=2)
+    code, _, err = run_cli(capsys, "build", "tiny-gpt", "--quick")
+    assert code == 3 and "does not fit its builder" in err
+    assert run_cli(capsys, "build")[0] == 2 and run_cli(capsys, "build", "tiny-gpt", "--missing")[0] == 2
+
+
+TINY_ADAPTER = {"n_episodes": 6, "n_chat": 2, "max_steps": 1, "batch_size": 2,
+                "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "down_proj"]}}
+
+
+@pytest.mark.skipif(not assets.is_cached("smollm2-135m-instruct"), reason="needs the SmolLM2 asset in the cache")
+def test_the_tool_use_adapter_is_built_verified_and_listed_like_any_asset(tmp_path, monkeypatch, capsys):
+    """The registry's own adapter entry with a one-step recipe, on the real SmolLM2 (a minute on a CPU)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmlab import agent
+
+    base = assets.cache_dir("smollm2-135m-instruct")
+    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / base.name).symlink_to(base)
+    real = assets.get("tool-use-adapter")
+    tiny = dataclasses.replace(real, recipe=TINY_ADAPTER)
+    monkeypatch.setattr(assets, "REGISTRY", {base.name: assets.get(base.name), real.name: tiny})
+
+    code, out, _ = run_cli(capsys, "build", "--missing")
+    assert code == 0 and out.startswith("tool-use-adapter: ready in") and out.count("ready") == 1, out
+    path = agent.tool_use_adapter()
+    assert path == assets.cache_dir("tool-use-adapter") / "adapter.safetensors"
+    first = load_file(path)
+    assert {k.split(".")[-3] for k in first} == {"q_proj", "down_proj"}  # ...layers.N.<module>.lora_A.weight
+    assert len(first) == 2 * 2 * 30  # A and B, two modules, 30 blocks of SmolLM2-135M
+    stamp = path.stat().st_mtime_ns
+    assert agent.tool_use_adapter() == path and path.stat().st_mtime_ns == stamp  # found, not trained again
+    assert re.search(r"^tool-use-adapter\s+cached\s+model", run_cli(capsys, "assets", "list")[1], re.M)
+    code, out, _ = run_cli(capsys, "assets", "verify")
+    assert code == 0 and "tool-use-adapter: ok" in out
+    code, out, _ = run_cli(capsys, "doctor")
+    assert re.search(r"^  tool-use-adapter\s+cached ", out, re.M) and "asset tool-use-adapter" not in out
+
+    assert run_cli(capsys, "build", "tool-use-adapter")[0] == 0  # trained again: the same recipe, the same weights
+    again = load_file(path)
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    path.write_bytes(bytes(path.stat().st_size))  # same size: only hashing finds it
+    code, out, err = run_cli(capsys, "assets", "verify", "tool-use-adapter")
+    assert code == 3 and "tool-use-adapter: adapter.safetensors has the wrong sha256" in err
+    assets.REGISTRY[real.name] = dataclasses.replace(tiny, recipe={**TINY_ADAPTER, "lr": 1e-3})
+    assert assets.state("tool-use-adapter") == "outdated"
+    assert "✗ asset tool-use-adapter outdated" in run_cli(capsys, "doctor")[1]
+
+
 # ----------------------------------------------------------------------------------------
 # The registry itself
 
 
 def test_the_registry_names_every_course_asset_with_a_source_and_a_licence():
-    expected = {"minilm-l6", "smollm2-135m-instruct", "shakespeare", "bbc-news", "tweets-sentiment", "course-gpt"}
+    expected = {"minilm-l6", "smollm2-135m-instruct", "shakespeare", "bbc-news", "tweets-sentiment", "course-gpt",
+                "tool-use-adapter"}
     assert expected <= set(assets.REGISTRY)
     assert assets.get("smollm2-135m-instruct").hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert assets.get("minilm-l6").hub_id == "sentence-transformers/all-MiniLM-L6-v2"
     for a in assets.REGISTRY.values():
         assert a.licence, a.name
         assert a.builder or (a.package and a.version and a.member and len(a.sha256) == 64), a.name
+        if a.builder:
+            assert re.fullmatch(r"[0-9a-f]{16}", assets.recipe_key(a.name)), a.name
     assert assets.get("course-gpt").builder and assets.get("course-gpt").package is None
+    names = list(assets.REGISTRY)
+    assert names.index("smollm2-135m-instruct") < names.index("tool-use-adapter")  # built after its base
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -373,6 +483,7 @@ def test_the_registry_names_every_course_asset_with_a_source_and_a_licence():
     ({"sha256": "abc"}, "Asset.sha256"),
     ({"version": None}, "Asset.version"),
     ({"name": "Bad Name"}, "Asset.name"),
+    ({"recipe": {"seed": 1}}, "Asset.recipe and Asset.inputs belong to built assets"),
 ])
 def test_an_invalid_asset_names_the_field(fields, field):
     good = dict(name="ok", kind="dataset", description="d", package="p", version="1", member="d/", sha256="0" * 64)
@@ -392,7 +503,7 @@ def test_cli_assets_and_doctor(tmp_path):
     proc = llmlab("doctor", env={"LLMLAB_HOME": str(tmp_path)})
     assert "torch" in proc.stdout and "sandbox" in proc.stdout and "assets" in proc.stdout
     assert "asset bbc-news missing: run `llmlab assets fetch bbc-news`" in proc.stdout
-    assert "asset course-gpt" not in proc.stdout  # not built yet is expected, not a problem
+    assert "asset tool-use-adapter not built: run `llmlab build tool-use-adapter`" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------

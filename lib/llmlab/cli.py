@@ -1,4 +1,4 @@
-"""`llmlab`: the course's command line (doctor, assets, release, run, grade, serve, course).
+"""`llmlab`: the course's command line (doctor, assets, build, release, run, grade, serve, course).
 
 Every command prints one clear line on failure and exits non-zero: 1 for a failed run or
 grade, 2 for bad usage (argparse), 3 for a missing asset or a broken course layout.
@@ -47,8 +47,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for name, asset in assets.REGISTRY.items():
         state = assets.state(name)
         print(f"  {name:<22} {state:<9} {asset.description}")
-        if state == "missing":  # "not built" is expected until lab 2 builds it
-            problems.append(f"asset {name} missing: run `{asset.fix}`")
+        if state != "cached":
+            problems.append(f"asset {name} {state}: run `{asset.fix}` (`llmlab build --missing` makes them all)")
     print(f"sandbox      {sandbox.isolation()}")
     if sandbox.isolation() != "bubblewrap":
         problems.append("bubblewrap unavailable: grading uses the weaker process sandbox; run `make system` "
@@ -78,8 +78,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
         for name in names:
             a = assets.REGISTRY[name]
             cached = assets.is_cached(name)
-            if a.builder and not cached and not args.names:  # fetching "all" skips what lab 2 builds
-                print(f"{name}: not built yet ({a.fix})")
+            if a.builder and not cached and not args.names:  # fetching "all" skips what the course builds
+                print(f"{name}: {assets.state(name)} ({a.fix})")
                 continue
             start = time.perf_counter()
             path = assets.fetch(name, force=args.force)
@@ -106,15 +106,22 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build a course-made asset (course-gpt, tool-use-adapter) into the cache, reproducibly from its seed."""
-    start = time.perf_counter()
-    if args.name == "tool-use-adapter":  # lab 6's LoRA: one recipe, so no --quick/--seed
-        from llmlab import agent
-
-        path = agent.tool_use_adapter(progress=True)
-    else:
-        path = assets.build(args.name, quick=args.quick, seed=args.seed)
-    print(f"{args.name}: ready in {time.perf_counter() - start:.0f} s -> {path}")
+    """Build a course-made asset from its registry recipe (flags change it), or fill in every missing asset."""
+    if args.missing == bool(args.name):
+        _die("name one asset to build, or give --missing (every asset the cache lacks)", 2)
+    recipe = {k: v for k, v in (("quick", args.quick), ("seed", args.seed)) if v is not None}
+    if args.missing and recipe:
+        _die("--missing builds the registry's recipes; --quick, --full and --seed go with a NAME", 2)
+    todo = assets.missing() if args.missing else [args.name]
+    for name in todo:
+        start = time.perf_counter()
+        if args.missing and not assets.get(name).builder:
+            path = assets.fetch(name)
+        else:
+            path = assets.build(name, **recipe)
+        print(f"{name}: ready in {time.perf_counter() - start:.0f} s -> {path}")
+    if not todo:
+        print("every asset is in the cache")
     return 0
 
 
@@ -180,10 +187,7 @@ def cmd_course(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     print("== assets")
-    cmd_assets(argparse.Namespace(action="fetch", names=[], force=False))
-    if not assets.is_cached("course-gpt"):  # later labs load it; the QUICK build takes ~30 s
-        cmd_build(argparse.Namespace(name="course-gpt", quick=True, seed=0))
-    cmd_build(argparse.Namespace(name="tool-use-adapter"))  # lab 6's LoRA: 12-17 min on 2 cores once, then cached
+    cmd_build(argparse.Namespace(name=None, missing=True, quick=None, seed=None))
     print("== release")
     for path in course.release():
         print(f"released {path.relative_to(course.root())}")
@@ -227,10 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-hash a cached asset and fetch it again if it is wrong")
     p.set_defaults(func=cmd_assets)
 
-    p = sub.add_parser("build", help="build a course-made asset (course-gpt, tool-use-adapter) into the cache")
-    p.add_argument("name", help="course-gpt (lab 2's model) or tool-use-adapter (lab 6's LoRA, cached by recipe)")
-    p.add_argument("--quick", action="store_true", help="the small CPU-sized model (CI); default: the full one")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same weights (default 0)")
+    p = sub.add_parser("build", help="build a course-made asset into the cache, or every asset it lacks")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="a built asset of `llmlab assets list` (course-gpt, tool-use-adapter, ...)")
+    p.add_argument("--missing", action="store_true",
+                   help="fetch or build, with the registry's recipes, every asset not (or no longer) in the cache")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", const=True, dest="quick",
+                      help="course-gpt: the small CPU-sized model (the registry's recipe)")
+    size.add_argument("--full", action="store_const", const=False, dest="quick",
+                      help="course-gpt: the full model, for a GPU")
+    p.add_argument("--seed", type=int, help="the recipe's seed (same seed, same weights; default: the registry's)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("release", help="generate the student copies in labs/ from solutions/ (nbgrader)")

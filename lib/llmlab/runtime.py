@@ -1,4 +1,4 @@
-"""Runtime choices shared by every lab: device and dtype, seeding, threads, QUICK mode, timing."""
+"""Runtime choices shared by every lab: device and dtype, seeding, threads, timing and peak memory."""
 from __future__ import annotations
 
 import os

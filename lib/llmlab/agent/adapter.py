@@ -1,19 +1,32 @@
-"""The tool-use LoRA adapter: trained on the synthetic episodes, cached under `assets.home() / "adapters"`."""
+"""The tool-use LoRA adapter: its recipe, its training set, a trainer that runs the shared prompt
+once per batch, and the builder of the registry asset `tool-use-adapter` (see `llmlab.assets`).
+
+Every training example is one assistant turn of an episode, with the loss on that turn only;
+all of them start with the same system prompt, which is most of their tokens. Training runs
+that prefix once per batch and broadcasts its keys and values to every example, which gives
+the loss and gradients of the full forward at a fraction of its cost (`shared_prefix_lm`).
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmlab.agent.loop import episode_messages
 from llmlab.agent.parse import OPEN, system_prompt
 from llmlab.agent.tools import default_tools
 
 if TYPE_CHECKING:  # llmlab.lora imports torch: only training needs it
+    import torch
+
     from llmlab.lora import LoraConfig
+
+ASSET = "tool-use-adapter"  # its name in the asset registry
+ADAPTER_FILE = "adapter.safetensors"  # the llmlab.lora file inside the asset's folder
 
 
 def _tool_use_lora() -> "LoraConfig":
@@ -27,71 +40,188 @@ def _tool_use_lora() -> "LoraConfig":
 
 @dataclass
 class AdapterRecipe:
-    """How the tool-use LoRA adapter is trained; its hash names the cached file."""
+    """How the tool-use LoRA adapter is trained; with its training set, it is the asset's cache key."""
 
     base: str = "smollm2-135m-instruct"  # asset name of the model adapted
     n_episodes: int = 120  # distinct training episodes (data.tool_episodes, split "train")
-    max_steps: int = 50  # optimizer steps (the training loss is below 0.1 by step 35)
-    batch_size: int = 4  # examples (assistant turns) per step
+    n_chat: int = 40  # extra tool-free questions (data.instruction_pairs, split "train"), answered directly
+    max_steps: int = 20  # optimizer steps
+    batch_size: int = 8  # examples (assistant turns) per step; the shared prompt runs once per step
     lr: float = 2e-3
     lora: "LoraConfig" = field(default_factory=_tool_use_lora)  # r, lora_alpha, lora_dropout, target_modules
     max_len: int = 480  # tokens per training example (the longest turn with its prompt is ~470)
-    seed: int = 0
+    seed: int = 0  # which episodes, lora_A's init, the batch order
 
     def __post_init__(self):
+        from llmlab.lora import LoraConfig
+
+        if isinstance(self.lora, dict):  # the registry's recipe is JSON
+            self.lora = LoraConfig(**self.lora)
         for name in ("n_episodes", "max_steps", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdapterRecipe.{name} must be >= 1, got {getattr(self, name)}")
-
-    def key(self) -> str:
-        """A short hash of the recipe, its training episodes and the prompt format the adapter learns."""
-        from llmlab import data
-
-        episodes = data.tool_episodes(self.n_episodes, "train", seed=self.seed)
-        text = (json.dumps(dataclasses.asdict(self), sort_keys=True) + json.dumps(episodes)
-                + system_prompt(default_tools()) + OPEN)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        if self.n_chat < 0:
+            raise ValueError(f"AdapterRecipe.n_chat must be >= 0, got {self.n_chat}")
 
 
-def tool_use_adapter(recipe: AdapterRecipe | None = None, device: str = "auto", progress: bool = False) -> Path:
-    """Path of a LoRA adapter (llmlab.lora file) that teaches `recipe.base` the ReAct format.
+def training_conversations(recipe: AdapterRecipe) -> list[list[dict]]:
+    """The training set: one conversation per assistant turn, ending with that turn.
 
-    Trained once on `data.tool_episodes(recipe.n_episodes, "train")` — one example per
-    assistant turn, loss on that turn only — and cached under assets.home()/"adapters";
-    later calls return the cached file at once. The episodes hold far more distinct
-    arithmetic questions than facts or tool-free questions, so the smaller kinds are
-    repeated until each kind (calculator, lookup, no tool) weighs the same: otherwise the
-    model learns to call the calculator and to answer everything else from "memory".
+    The episodes hold far more distinct arithmetic questions than facts or tool-free
+    questions, so the smaller kinds are repeated until each kind (calculator, lookup, no
+    tool) weighs the same: otherwise the model learns to call the calculator and to answer
+    everything else from "memory". Tool-free questions are the episodes' own plus
+    `recipe.n_chat` plain instructions (no arithmetic: that is the calculator's), so that
+    answering directly is learnt as a habit rather than as a list of memorised answers.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmlab import data
 
-    from llmlab import assets, data, lora, train
-
-    recipe = recipe or AdapterRecipe()
-    path = assets.home() / "adapters" / f"{recipe.base}-tool-use-{recipe.key()}.safetensors"
-    if path.is_file():
-        return path
-    source = assets.resolve(recipe.base)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
     tools = default_tools()
+    episodes = data.tool_episodes(recipe.n_episodes, "train", seed=recipe.seed)
+    for pair in data.instruction_pairs(2 * recipe.n_chat + 20, "train", seed=recipe.seed):
+        if sum(e["tool"] is None and "instruction" in e for e in episodes) == recipe.n_chat:
+            break
+        if not pair["instruction"].startswith("What is"):  # "What is 12 plus 7?" wants the calculator
+            episodes.append({"instruction": pair["instruction"], "tool": None, "question": pair["instruction"],
+                             "transcript": f"Thought: No tool is needed for this.\nFinal Answer: {pair['response']}"})
     by_tool: dict[str | None, list[list[dict]]] = {}
-    for episode in data.tool_episodes(recipe.n_episodes, "train", seed=recipe.seed):
+    for episode in episodes:
         messages = episode_messages(episode, tools)
         by_tool.setdefault(episode["tool"], []).extend(
             messages[: i + 1] for i, m in enumerate(messages) if m["role"] == "assistant")
     largest = max(len(group) for group in by_tool.values())
-    conversations = [group[i % len(group)] for group in by_tool.values() for i in range(largest)]
-    examples = lora.chat_dataset(tokenizer, conversations, recipe.max_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [group[i % len(group)] for group in by_tool.values() for i in range(largest)]
+
+
+def recipe_inputs(**recipe: Any) -> dict:
+    """What the adapter depends on besides its registry recipe (`Asset.inputs`): the recipe with
+    its defaults filled in, a hash of the training conversations, and the prompt format."""
+    full = AdapterRecipe(**recipe)
+    conversations = json.dumps(training_conversations(full), sort_keys=True)
+    return {"recipe": dataclasses.asdict(full), "prompt": system_prompt(default_tools()) + OPEN,
+            "conversations": hashlib.sha256(conversations.encode()).hexdigest()}
+
+
+def shared_prefix_lm(model: "torch.nn.Module", prefix: "torch.Tensor") -> "torch.nn.Module":
+    """`model` (a Hugging Face causal LM) for `llmlab.train.train`, when every example starts with `prefix` (P,).
+
+    forward(x, y) runs the prefix once (batch 1), broadcasts its keys and values over the
+    batch, and runs only each example's own tokens after it; logits are computed only where
+    a target is. Autograd carries the gradients of every example back through the one
+    prefix, so loss and gradients equal the full forward's (up to float rounding) while a
+    batch of B costs about P + B x suffix tokens instead of B x (P + suffix).
+    The attention mask comes from the targets: tokens after an example's last target are
+    padding (the pad token may be a real token elsewhere, e.g. <|im_end|>).
+    """
+    return _shared_prefix_class()(model, prefix)
+
+
+@functools.cache
+def _shared_prefix_class() -> type:
+    """The module class behind `shared_prefix_lm`, made on first use (this package imports no torch)."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    from llmlab.model import IGNORE_INDEX
+    from llmlab.train import HFCausalLM
+
+    class SharedPrefixLM(HFCausalLM):
+        def __init__(self, model: torch.nn.Module, prefix: torch.Tensor):
+            super().__init__(model)
+            self.register_buffer("prefix", prefix.detach().clone().long(), persistent=False)  # (P,)
+            # transformers 5 renamed the cache argument `past_key_values` to `cache`
+            names = inspect.signature(model.model.forward).parameters
+            self.cache_arg = "cache" if "cache" in names else "past_key_values"
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[None, torch.Tensor]:
+            P, (B, T) = self.prefix.numel(), x.shape
+            targets = y != IGNORE_INDEX  # (B, T)
+            if not bool((x[:, :P] == self.prefix).all()) or bool(targets[:, :P].any()):
+                raise ValueError("every example must start with the shared prefix and have no target inside it")
+            position = torch.arange(T, device=x.device)
+            length = torch.where(targets, position, -1).amax(1) + 1  # (B,) tokens up to the last target
+            end = int(length.max())
+            body, config = self.model.model, self.model.config
+            prefix_cache = DynamicCache(config=config)
+            body(input_ids=self.prefix[None], use_cache=True, **{self.cache_arg: prefix_cache})
+            cache = DynamicCache(config=config)
+            for i, layer in enumerate(prefix_cache.layers):  # (1, kv_heads, P, head_dim) -> (B, ...), no copy
+                cache.update(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1), i)
+            hidden = body(input_ids=x[:, P:end], attention_mask=(position[:end] < length[:, None]).long(),
+                          position_ids=position[P:end].expand(B, -1), use_cache=True,
+                          **{self.cache_arg: cache}).last_hidden_state  # (B, end - P, H)
+            scored = targets[:, P:end]
+            logits = self.model.lm_head(hidden[scored])  # (n_targets, V)
+            return None, torch.nn.functional.cross_entropy(logits.float(), y[:, P:end][scored])
+
+    return SharedPrefixLM
+
+
+class LengthBuckets:
+    """Training examples for `llmlab.train.train`, each batch drawn from one of `n` length buckets.
+
+    A batch costs as much as its longest example: drawing it among examples of similar length
+    (first replies are short, replies after an observation long) wastes little on padding.
+    A bucket is chosen with probability proportional to its size, so every example is as
+    likely to be drawn as with uniform sampling.
+    """
+
+    def __init__(self, examples: "list[tuple[torch.Tensor, torch.Tensor]]", n: int = 4):
+        from llmlab.model import IGNORE_INDEX
+
+        ends = [int((y != IGNORE_INDEX).nonzero().max()) for _, y in examples]  # last target of each
+        order = sorted(range(len(examples)), key=ends.__getitem__)
+        size = -(-len(order) // n)
+        self.examples = examples
+        self.buckets = [order[i:i + size] for i in range(0, len(order), size)]
+
+    def get_batch(self, split: str, batch_size: int, generator: "torch.Generator") -> "tuple[torch.Tensor, torch.Tensor]":
+        """(x, y), each (batch_size, T): `batch_size` examples of one bucket, drawn with replacement."""
+        import torch
+
+        sizes = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
+        bucket = self.buckets[int(torch.multinomial(sizes, 1, generator=generator))]
+        rows = torch.randint(len(bucket), (batch_size,), generator=generator).tolist()
+        xs, ys = zip(*(self.examples[bucket[i]] for i in rows))
+        return torch.stack(xs), torch.stack(ys)
+
+
+def train_adapter(recipe: AdapterRecipe, path: str | Path, device: str = "auto", progress: bool = True) -> dict:
+    """Train the adapter of `recipe` and save it (llmlab.lora file) at `path`; return the loss history."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab import assets, lora, train
+
+    source = assets.resolve(recipe.base)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+    examples = lora.chat_dataset(tokenizer, training_conversations(recipe), recipe.max_len)
+    system = tokenizer.apply_chat_template([{"role": "system", "content": system_prompt(default_tools())}],
+                                           tokenize=False)
+    prefix = torch.tensor(tokenizer(system, add_special_tokens=False)["input_ids"])
     torch.manual_seed(recipe.seed)  # lora_A's init: the same recipe gives the same adapter
     lora.inject(model, recipe.lora)
     cfg = train.TrainConfig(max_steps=recipe.max_steps, batch_size=recipe.batch_size, lr=recipe.lr,
                             min_lr=recipe.lr / 10, warmup_steps=max(1, recipe.max_steps // 10), weight_decay=0.0,
                             eval_interval=0, device=device, seed=recipe.seed, progress=progress)
-    train.train(train.HFCausalLM(model, pad_id), examples, None, cfg)
-    tmp = path.with_suffix(".tmp")
-    lora.save_adapter(model, tmp)
-    tmp.replace(path)  # atomic: a half-written adapter is never found
-    return path
+    history = train.train(shared_prefix_lm(model, prefix), LengthBuckets(examples), None, cfg)
+    lora.save_adapter(model.cpu(), path)
+    return history
+
+
+def build(folder: str | Path, device: str = "auto", **recipe: Any) -> None:
+    """The registry's builder of `tool-use-adapter`: train `AdapterRecipe(**recipe)` into `folder`."""
+    history = train_adapter(AdapterRecipe(**recipe), Path(folder) / ADAPTER_FILE, device)
+    summary = {"steps": history["step"][-1], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]}
+    (Path(folder) / "llmlab-train.json").write_text(json.dumps(summary, indent=1))
+
+
+def tool_use_adapter(device: str = "auto") -> Path:
+    """The adapter file of the registry asset `tool-use-adapter`, trained on `device` if it is not cached yet."""
+    from llmlab import assets
+
+    folder = assets.cache_dir(ASSET) if assets.is_cached(ASSET) else assets.build(ASSET, device=device)
+    return folder / ADAPTER_FILE
