@@ -415,7 +415,7 @@ def _(template, solution, ctx):
 
 @attack("stop-reading-requests", honest=("sdpa",))
 def _(template, solution, ctx):
-    code = "import time, llmlab.grading.protocol as p\np.recv = lambda stream: time.sleep(10**6)"
+    code = "import time, llmlab.grading.protocol as p\np.recv = lambda *a, **k: time.sleep(10**6)"
     return _stub_with(template, solution, ("sdpa",), {"masks": code})
 
 

@@ -47,7 +47,7 @@ def make_course(root: Path, lab: str, cells: list) -> Path:
     return path
 
 
-def llmlab(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def llmlab(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the `llmlab` CLI as a user would; return the finished process."""
     return subprocess.run([sys.executable, "-m", "llmlab.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=900)
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)

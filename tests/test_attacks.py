@@ -73,7 +73,7 @@ def batch(tmp_path_factory):
     os.symlink(subs / "solution", subs / "linked-folder")
     protected = [ROOT / p for p in PROTECTED] + [Path("/usr/lib/python3/dist-packages/pwned.py"), ROOT / ".venv/lib/pwned.pth"]
     before = _digest(protected)
-    proc = llmlab("grade", LAB, str(subs), "--workers", "2", "--no-progress")
+    proc = llmlab("grade", LAB, str(subs), "--workers", "2", "--no-progress", timeout=3300)
     server.shutdown()
     results = {p.stem: json.loads(p.read_text()) for p in (work / "results" / LAB).glob("*.json")}
     return {"proc": proc, "results": results, "honest": honest, "expected": expected,
@@ -148,10 +148,11 @@ def test_every_usable_student_id_is_graded_and_a_bad_one_fails_alone(batch):
 
 
 def test_refusals_name_the_construct_and_its_line(batch):
-    for name, words in {"run-library-source": ("line 3", "exec"), "switch-off-tripwire-gc": ("line 1", "gc"),
-                        "kernel-by-torch-ops": ("line 3", "torch.ops"), "kernel-by-torch-c": ("_C",),
-                        "switch-off-tripwire-frames": ("gi_frame",), "kernel-by-dunder-walk": ("__class__",),
+    for name, words in {"run-library-source": ("exec",), "switch-off-tripwire-gc": ("gc",),
+                        "kernel-by-torch-ops": ("ops",), "kernel-by-torch-c": ("_C",),
+                        "switch-off-tripwire-frames": ("gi_frame",), "kernel-by-dunder-walk": ("__base__",),
                         "format-string-escape": ("format string",)}.items():
+        assert any(n.startswith("refused: cell ") and " line " in n for n in batch["results"][name]["notes"]), name
         page = (batch["work"] / "feedback" / name / LAB / "attention.html").read_text()
         for word in words:
             assert word in page, f"{name}: {word!r} missing from the feedback"

@@ -212,7 +212,7 @@ def test_subclasses_of_tuple_list_and_dict_cross_as_their_base_type():
 def test_a_worker_that_stops_reading_is_a_call_timeout():
     sb, ns = _sandbox("import time, llmlab.grading.protocol as p\n"
                       "def f(x):\n    return x\n"
-                      "def stop():\n    p.recv = lambda stream: time.sleep(10**6)\n    return 0", ["f", "stop"],
+                      "def stop():\n    p.recv = lambda *a, **k: time.sleep(10**6)\n    return 0", ["f", "stop"],
                       {"call_s": 3})
     try:
         assert ns["stop"]() == 0
@@ -286,5 +286,18 @@ def test_a_1_gb_write_to_tmp_is_a_limit_hit():
     try:
         with pytest.raises(OSError, match="scratch space limit"):
             ns["fill"]()
+    finally:
+        sb.close()
+
+
+def test_arguments_keep_requires_grad_as_in_a_notebook():
+    sb, ns = _sandbox("import torch\ndef grad_of_square(x):\n    (g,) = torch.autograd.grad((x ** 2).sum(), x)\n    return g",
+                      ["grad_of_square"])
+    try:
+        x = torch.tensor([1.0, -2.0], requires_grad=True)
+        g = ns["grad_of_square"](x)
+        assert g.tolist() == [2.0, -4.0] and not g.requires_grad
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            ns["grad_of_square"](torch.tensor([1.0]))
     finally:
         sb.close()

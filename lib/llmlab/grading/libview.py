@@ -4,8 +4,10 @@
 it). A student whose code runs next to those files could read and run them. So each lab is
 graded against a *view* of the library: a copy in which the lab's forbidden `llmlab` modules,
 functions and classes, and the lab's own checks module, keep their names and signatures but
-lose their bodies (every call raises). Other modules import from them as before; nothing of
-the reference code is left to read. The view is mounted read-only where the library lives.
+lose their bodies (every call raises). In a module stripped whole, the dunder methods of its
+classes stay (constructors, `__post_init__` validation, `__repr__`), so module-level objects such
+as default configs still build and other modules import from it as before; the methods and
+functions that compute something are gone. The view is mounted read-only where the library lives.
 """
 from __future__ import annotations
 
@@ -32,15 +34,19 @@ class _Strip(ast.NodeTransformer):
     """Replace the bodies of the chosen definitions (or of all of them) with a raise."""
 
     def __init__(self, names: set[str]):
-        self.names, self.prefix = names, []
+        self.names, self.prefix, self.classes = names, [], []
 
     def _visit_def(self, node):
         qualname = ".".join([*self.prefix, node.name])
         hit = ALL in self.names or qualname in self.names or any(qualname.startswith(n + ".") for n in self.names)
         self.prefix.append(node.name)
+        self.classes.append(isinstance(node, ast.ClassDef))
         self.generic_visit(node)
         self.prefix.pop()
-        if hit and not isinstance(node, ast.ClassDef):
+        self.classes.pop()
+        in_class = len(self.prefix) > 0 and self.classes[-1]
+        keep = in_class and ALL in self.names and node.name.startswith("__") and node.name.endswith("__")
+        if hit and not isinstance(node, ast.ClassDef) and not keep:
             node.body = _stub_body(qualname)
         elif hit:  # a class: keep its shape (bases, fields), drop docstrings and code
             node.body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))] or [ast.Pass()]

@@ -52,7 +52,7 @@ def encode(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             key = f"t{len(tensors)}"
             plain = torch.Tensor.as_subclass(v.detach(), torch.Tensor)  # drop any subclass
             tensors[key] = plain.to("cpu").contiguous().clone()
-            return {"tensor": key}
+            return {"tensor": key, "grad": True} if v.requires_grad else {"tensor": key}
         if isinstance(v, (list, tuple)):  # namedtuples, torch.Size, torch.return_types: as tuples
             tag = "tuple" if isinstance(v, tuple) else "list"
             return {tag: [enc(x, depth + 1) for x in (tuple(v) if tag == "tuple" else list(v))]}
@@ -85,14 +85,21 @@ def arrays_in(value: Any) -> list:
     return found
 
 
-def decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Rebuild a value from `encode`'s output; only plain Python and torch types come back."""
+def decode(data: Any, tensors: dict[str, torch.Tensor], grads: bool = False) -> Any:
+    """Rebuild a value from `encode`'s output; only plain Python and torch types come back.
+
+    With `grads`, tensors that required grad on the sending side require it again (arguments
+    reaching a student's function, as in the notebook); results always arrive as plain data.
+    """
 
     def dec(d: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise ProtocolError("value nested too deeply")
         if d is None or type(d) in (bool, int, float, str):
             return d
+        if type(d) is dict and set(d) == {"tensor", "grad"} and d["grad"] is True and d["tensor"] in tensors:
+            t = tensors[d["tensor"]]
+            return t.requires_grad_() if grads and (t.is_floating_point() or t.is_complex()) else t
         if type(d) is dict and len(d) == 1:
             (tag, x), = d.items()
             if tag == "tensor" and type(x) is str and x in tensors:
@@ -128,7 +135,7 @@ def send(stream: BinaryIO, header: dict, value: Any = None) -> None:
     stream.flush()
 
 
-def parse(raw: bytes, blob: bytes) -> tuple[dict, Any]:
+def parse(raw: bytes, blob: bytes, grads: bool = False) -> tuple[dict, Any]:
     """Decode one message body; return (header, value or None)."""
     try:
         header = json.loads(raw)
@@ -137,7 +144,7 @@ def parse(raw: bytes, blob: bytes) -> tuple[dict, Any]:
     if type(header) is not dict:
         raise ProtocolError("message header is not an object")
     tensors = {k: t.clone() for k, t in st_load(blob).items()} if blob else {}  # own, resizable storage
-    value = decode(header.pop("value"), tensors) if "value" in header else None
+    value = decode(header.pop("value"), tensors, grads) if "value" in header else None
     return header, value
 
 
@@ -149,7 +156,7 @@ def frame_sizes(prefix: bytes, limit: int = MAX_BLOB) -> tuple[int, int]:
     return n_raw, n_blob
 
 
-def recv(stream: BinaryIO) -> tuple[dict, Any]:
+def recv(stream: BinaryIO, grads: bool = False) -> tuple[dict, Any]:
     """Read one message written by `send` from a blocking stream."""
     prefix = stream.read(8)
     if len(prefix) < 8:
@@ -158,4 +165,4 @@ def recv(stream: BinaryIO) -> tuple[dict, Any]:
     raw, blob = stream.read(n_raw), stream.read(n_blob)
     if len(raw) < n_raw or len(blob) < n_blob:
         raise EOFError("stream closed mid-message")
-    return parse(raw, blob)
+    return parse(raw, blob, grads)

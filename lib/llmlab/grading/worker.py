@@ -102,7 +102,7 @@ class Guard:
 
         self.active = True
         try:
-            with Tripwire(), torch.no_grad():
+            with Tripwire():  # autograd as in the notebook: arguments keep requires_grad
                 return fn(*args, **kwargs)
         finally:
             self.active = False
@@ -163,7 +163,7 @@ def main() -> None:
 
     while True:
         try:
-            header, value = protocol.recv(requests)
+            header, value = protocol.recv(requests, grads=True)
         except EOFError:
             return
         name = header["call"]
@@ -175,11 +175,11 @@ def main() -> None:
                 raise NameError(f"name {name!r} is not defined")
             args, kwargs = value
             inputs = protocol.arrays_in((args, kwargs))
-            before = [t.clone() for t in inputs]
+            before = [t.detach().clone() for t in inputs]
             result = guard.call(fn, args, kwargs)
             # tensors changed in place go back, so the caller sees what the call did, as in a notebook
             changed = [[i, t] for i, (t, b) in enumerate(zip(inputs, before))
-                       if t.shape != b.shape or t.dtype != b.dtype or not torch.equal(t, b)]
+                       if t.shape != b.shape or t.dtype != b.dtype or not torch.equal(t.detach(), b)]
             reply = ({"ok": True, "output": out.text()}, (result, changed))
             protocol.encode(reply[1])  # fail here, not half-way through sending
         except BaseException as e:  # noqa: BLE001
