@@ -2,7 +2,7 @@
 
 Read top-down:
 1. sampling — the logits processors (repetition and length penalties, temperature, top-k,
-   top-p), then greedy or a seeded draw;
+   top-p) that apply `SamplingParams` (`llmlab.sampling`), then greedy or a seeded draw;
 2. the KV cache — keys and values of the past (`llmlab.kvcache.KVCache`), so each new token
    costs one position of work instead of the whole context; the models take it as
    `past_key_values`; the padding mask and positions of a batch of ragged prompts;
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmlab.kvcache import KVCache
+from llmlab.sampling import GREEDY, SamplingParams
 
 if TYPE_CHECKING:  # transformers is slow to import; only HF models need it
     import transformers
@@ -35,38 +35,7 @@ if TYPE_CHECKING:  # transformers is slow to import; only HF models need it
     from llmlab.model import GPT
 
 # ----------------------------------------------------------------------------------------
-# 1. Sampling
-
-
-@dataclass
-class SamplingParams:
-    """How the next token is chosen; the defaults draw from the model's own distribution."""
-
-    temperature: float = 1.0  # 0: greedy (argmax); < 1 sharpens the distribution, > 1 flattens it
-    top_k: int | None = None  # keep only the k likeliest tokens (None: all)
-    top_p: float = 1.0  # keep the fewest likeliest tokens whose probability adds up to >= top_p
-    repetition_penalty: float = 1.0  # > 1 makes tokens already in the context less likely (CTRL)
-    length_penalty: float = 0.0  # added to the end-of-sequence logit per generated token: > 0 ends sooner
-
-    def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
-            raise ValueError(f"SamplingParams.temperature must be a number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"SamplingParams.top_k must be None or an int >= 1, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not math.isfinite(self.length_penalty):
-            raise ValueError(f"SamplingParams.length_penalty must be finite, got {self.length_penalty!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding takes the argmax: temperature 0, or one so small that dividing by it overflows."""
-        return self.temperature < 1e-5
-
-
-GREEDY = SamplingParams(temperature=0.0)
+# 1. Sampling: the processors that apply `SamplingParams` (llmlab.sampling, re-exported here)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
