@@ -8,7 +8,6 @@ ever receives plain values through `protocol`.
 """
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import sys
@@ -16,6 +15,7 @@ import traceback
 from typing import Any, Callable
 
 from llmlab.grading import protocol
+from llmlab.grading.libview import resolve
 
 
 class CappedWriter(io.TextIOBase):
@@ -52,7 +52,7 @@ class Guard:
         self.active = False
         self.torch_funcs: dict[Any, str] = {}
         for name in names:
-            obj = _resolve(name)
+            obj = resolve(name)
             if obj is None:
                 continue
             if isinstance(obj, type(sys)):  # a module: wrap everything it defines
@@ -65,7 +65,7 @@ class Guard:
             else:
                 self.torch_funcs[obj] = name
                 owner, _, attr = name.rpartition(".")
-                self._wrap(_resolve(owner), attr, name)
+                self._wrap(resolve(owner), attr, name)
 
     def _wrap(self, owner: Any, attr: str, label: str) -> None:
         original = getattr(owner, attr, None)
@@ -106,23 +106,6 @@ class Guard:
                 return fn(*args, **kwargs)
         finally:
             self.active = False
-
-
-def _resolve(dotted: str) -> Any:
-    """Import the longest module prefix of `dotted` and walk the remaining attributes."""
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return None
-        return obj
-    return None
 
 
 def _error_text(exc: BaseException) -> str:
