@@ -92,3 +92,22 @@ def test_images_install_through_the_shared_script():
     for dockerfile in ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu"):
         assert "docker/install-course.sh" in (ROOT / dockerfile).read_text()
     assert "docker/install-course.sh" in (ROOT / "Makefile").read_text()
+
+
+def test_make_the_images_and_the_course_fill_the_asset_cache_with_one_command():
+    """What to build is listed once, in the asset registry: every caller runs `llmlab build --missing`."""
+    import inspect
+
+    from llmlab import assets, cli
+
+    built = [name for name, a in assets.REGISTRY.items() if a.builder]
+    assert {"course-gpt", "tool-use-adapter"} <= set(built)
+    makefile = (ROOT / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "llmlab build --missing" in test_recipe and "llmlab course" in makefile
+    for path in ("Makefile", "docker/Dockerfile.cpu", "docker/Dockerfile.gpu"):
+        text = (ROOT / path).read_text()
+        assert path == "Makefile" or "llmlab build --missing" in text, path
+        assert not any(re.search(rf"build {name}\b", text) for name in built), path
+    course = inspect.getsource(cli.cmd_course)
+    assert "missing=True" in course and not any(name in course for name in built)
