@@ -78,12 +78,11 @@ def training_conversations(recipe: AdapterRecipe) -> list[list[dict]]:
 
     tools = default_tools()
     episodes = data.tool_episodes(recipe.n_episodes, "train", seed=recipe.seed)
-    for pair in data.instruction_pairs(2 * recipe.n_chat + 20, "train", seed=recipe.seed):
-        if sum(e["tool"] is None and "instruction" in e for e in episodes) == recipe.n_chat:
-            break
-        if not pair["instruction"].startswith("What is"):  # "What is 12 plus 7?" wants the calculator
-            episodes.append({"instruction": pair["instruction"], "tool": None, "question": pair["instruction"],
-                             "transcript": f"Thought: No tool is needed for this.\nFinal Answer: {pair['response']}"})
+    pairs = data.instruction_pairs(2 * recipe.n_chat + 20, "train", seed=recipe.seed)
+    # no arithmetic: "What is 12 plus 7?" wants the calculator
+    chat = [p for p in pairs if not p["instruction"].startswith("What is")][: recipe.n_chat]
+    episodes += [{"question": p["instruction"], "tool": None,
+                  "transcript": f"Thought: No tool is needed for this.\nFinal Answer: {p['response']}"} for p in chat]
     by_tool: dict[str | None, list[list[dict]]] = {}
     for episode in episodes:
         messages = episode_messages(episode, tools)
