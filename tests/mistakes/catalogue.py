@@ -212,14 +212,16 @@ def grade(lab: Lab, answers: list[Answer], folder: Path) -> tuple[dict[str, tupl
 
 def graded_share(answers: list[Answer], wrong: int = 2, right: int = 1) -> list[Answer]:
     """The answers `make test` grades: the first `wrong` mistakes and `right` right answers of each
-    exercise (LLMLAB_MISTAKES=all grades every answer); the checks see all of them."""
+    exercise, and every in-place mistake (LLMLAB_MISTAKES=all grades every answer); the checks see all of them."""
     if os.environ.get("LLMLAB_MISTAKES") == "all":
         return list(answers)
     taken: dict[tuple[str, bool], int] = {}
     share = []
     for a in answers:
         key = (a.exercise, a.words is None)
-        if taken.get(key, 0) < (right if a.words is None else wrong):
+        if a.name == "in-place":  # always graded: the grader must see in-place changes as the notebook does
+            share.append(a)
+        elif taken.get(key, 0) < (right if a.words is None else wrong):
             taken[key] = taken.get(key, 0) + 1
             share.append(a)
     return share
