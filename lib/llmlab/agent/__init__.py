@@ -18,8 +18,8 @@ One module per concern, read in this order, as the agent is built:
    LoRA adapter), any OpenAI-compatible server over HTTP, and a scripted backend for tests.
 7. `loop` — `Agent.run(question) -> Trace`: step limit, wall-clock budget, a status and a
    readable transcript; success rate on an episode suite with normalised answer matching.
-8. `adapter` — a LoRA adapter trained on the synthetic episodes, cached under
-   `assets.home() / "adapters"`.
+8. `adapter` — a LoRA adapter trained on the synthetic episodes: the registry asset
+   `tool-use-adapter` (`llmlab build --missing`).
 
 Every public name is importable from `llmlab.agent` itself.
 """
