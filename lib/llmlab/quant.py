@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmlab.evaluate import perplexity  # noqa: F401  (lab 4 scores its size/quality table with the evaluator)
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -409,40 +411,6 @@ def token_ids(tokenizer: Any, texts: Sequence[str], max_tokens: int | None = Non
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, ids: Tensor, block_size: int = 256, batch_size: int = 4) -> float:
-    """Held-out perplexity of a Hugging Face causal LM: exp(mean NLL) over a 1-D token stream.
-
-    The stream is cut into non-overlapping windows of `block_size` tokens (a shorter last
-    window too); each window predicts its tokens 2..n from the ones before, so every token
-    but a window's first is scored once. The NLL is summed and divided once at the end.
-    """
-    if ids.dim() != 1 or len(ids) < 2:
-        raise ValueError(f"ids must be a 1-D stream of at least 2 tokens, got shape {tuple(ids.shape)}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    windows = list(ids.split(block_size))
-    if len(windows[-1]) < 2:
-        windows.pop()
-    total_nll, n_tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
-        T = max(len(c) for c in chunk)
-        x = torch.zeros(len(chunk), T, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, c in enumerate(chunk):  # right padding, masked out of attention and loss
-            x[i, :len(c)], mask[i, :len(c)] = c, 1
-        x, mask = x.to(device), mask.to(device)
-        logits = model(input_ids=x, attention_mask=mask).logits  # (B, T, V)
-        targets = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total_nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=-100, reduction="sum"))
-        n_tokens += int((targets != -100).sum())
-    model.train(was_training)
-    return math.exp(total_nll / n_tokens)
 
 
 @torch.no_grad()
