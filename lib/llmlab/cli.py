@@ -14,13 +14,14 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from llmlab import assets, course
+from llmlab import assets, course, i18n
+from llmlab.i18n import _
 
 EXIT_FAIL, EXIT_SETUP = 1, 3
 
 
 def _die(message: str, code: int = EXIT_FAIL) -> None:
-    print(f"llmlab: error: {message}", file=sys.stderr)
+    print(_("llmlab: error: {message}").format(message=message), file=sys.stderr)
     sys.exit(code)
 
 
@@ -36,10 +37,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         try:
             print(f"{pkg:<12} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
-            print(f"{pkg:<12} MISSING")
-            problems.append(f"{pkg} is not installed: run `make test` or `pip install -e .[course,test]`")
+            print(f"{pkg:<12} " + _("MISSING"))
+            problems.append(_("{pkg} is not installed: run `make test` or `pip install -e .[course,test]`").format(pkg=pkg))
     if torch.__version__.split("+")[0] != "2.13.0":
-        problems.append(f"torch {torch.__version__} installed; the course pins torch==2.13.0")
+        problems.append(_("torch {version} installed; the course pins torch==2.13.0").format(version=torch.__version__))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"device       cuda={torch.cuda.is_available()} gpu={gpu} mps={torch.backends.mps.is_available()} "
           f"threads={torch.get_num_threads()}")
@@ -48,19 +49,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         state = assets.state(name)
         print(f"  {name:<22} {state:<9} {asset.description}")
         if state != "cached":
-            problems.append(f"asset {name} {state}: run `{asset.fix}` (`llmlab build --missing` makes them all)")
+            problems.append(_("asset {name} {state}: run `{fix}` (`llmlab build --missing` makes them all)")
+                            .format(name=name, state=state, fix=asset.fix))
     print(f"sandbox      {sandbox.isolation()}")
     if sandbox.isolation() != "bubblewrap":
-        problems.append("bubblewrap unavailable: grading uses the weaker process sandbox; run `make system` "
-                        "(apt-get install bubblewrap) — see grading/README.md")
+        problems.append(_("bubblewrap unavailable: grading uses the weaker process sandbox; run `make system` "
+                          "(apt-get install bubblewrap) — see grading/README.md"))
     try:
-        print(f"course       {course.root()} labs: {', '.join(course.labs())}")
+        print(_("course       {root} labs: {labs}").format(root=course.root(), labs=", ".join(course.labs())))
+        print(_("language     {lang} (LLMLAB_LANG, the notebook's metadata, or the locale)").format(lang=i18n.language()))
         drift = course.release_drift() if args.check_release else []
         if drift:
-            problems.append(f"labs/ out of sync with solutions/ ({', '.join(drift)}): run `llmlab release`")
+            problems.append(_("labs/ out of sync with solutions/ ({drift}): run `llmlab release`").format(drift=", ".join(drift)))
     except course.CourseError as e:
         problems.append(str(e))
-    print("\n" + ("\n".join(f"✗ {p}" for p in problems) if problems else "✓ everything needed is in place"))
+    print("\n" + ("\n".join(f"✗ {p}" for p in problems) if problems else "✓ " + _("everything needed is in place")))
     return EXIT_FAIL if problems else 0
 
 
@@ -126,15 +129,28 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    """Generate student copies (labs/) from solutions/ with nbgrader; --check only reports drift."""
+    """Generate student copies (labs/, and labs/<lang>/ from i18n/) from solutions/; --check only reports drift."""
+    langs = [args.lang] if args.lang else list(i18n.LANGUAGES)
+    translations = [lang for lang in langs if lang != i18n.ENGLISH]
+    for lang in translations:
+        if missing := i18n.untranslated_labs(lang):
+            print(f"{lang}: untranslated (no i18n/{lang}/<lab>.json yet): {', '.join(missing)}")
     if args.check:
+        problems = [p for lang in translations for lab in i18n.translated_labs(lang) for p in i18n.gate(lab, lang)]
+        for p in problems:
+            print(p)
         drift = course.release_drift()
         if drift:
-            _die(f"labs/ is out of sync with solutions/: {', '.join(drift)}; run `llmlab release`")
-        print("labs/ is in sync with solutions/")
+            _die(f"labs/ is out of sync with solutions/ and i18n/: {', '.join(drift)}; run `llmlab release`")
+        if any(p.error for p in problems):
+            _die(f"{sum(p.error for p in problems)} translation error(s) above")
+        print("labs/ is in sync with solutions/ and i18n/")
         return 0
-    for path in course.release(args.lab):
-        print(f"released {path.relative_to(course.root())}")
+    for lang in langs:
+        if lang != i18n.ENGLISH and args.lab and not args.lang and not i18n.path(args.lab, lang).is_file():
+            continue  # `llmlab release LAB` also writes the translations that lab has
+        for path in course.release(args.lab, lang=lang):
+            print(f"released {path.relative_to(course.root())}")
     return 0
 
 
@@ -149,7 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _die(f"{args.lab} has no notebooks in {where}/", EXIT_SETUP)
     for path in paths:
         result = course.run(path, params, out_dir=args.out, progress=not args.no_progress)
-        print(f"{path.relative_to(course.root())}: ok in {result.seconds:.1f} s -> {result.notebook}")
+        print(_("{notebook}: ok in {seconds:.1f} s -> {out}").format(
+            notebook=path.relative_to(course.root()), seconds=result.seconds, out=result.notebook))
     return 0
 
 
@@ -189,7 +206,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     print("== assets")
     cmd_build(argparse.Namespace(name=None, missing=True, quick=None, seed=None))
     print("== release")
-    for path in course.release():
+    for path in course.release() + [p for lang in i18n.LANGUAGES[1:] for p in course.release(lang=lang)]:
         print(f"released {path.relative_to(course.root())}")
     print("== run (QUICK)")
     timings = {}
@@ -246,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("release", help="generate the student copies in labs/ from solutions/ (nbgrader)")
     p.add_argument("lab", nargs="?", help="lab id, e.g. 01-attention or 1 (default: all)")
-    p.add_argument("--check", action="store_true", help="only check labs/ is in sync; exit 1 when not")
+    p.add_argument("--check", action="store_true",
+                   help="only check labs/ (and labs/<lang>/) are in sync and the translations complete; exit 1 when not")
+    p.add_argument("--lang", choices=list(i18n.LANGUAGES),
+                   help="release (or check) only this language (default: English and every translation)")
     p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("run", help="execute a lab notebook headless (papermill)")

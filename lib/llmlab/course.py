@@ -91,11 +91,14 @@ def nbgrader_api(reveal_hidden_tests: bool = False, **overrides: str):
     return NbGraderAPI(coursedir=coursedir, config=config)
 
 
-def release(lab: str | None = None, into: Path | None = None) -> list[Path]:
+def release(lab: str | None = None, into: Path | None = None, lang: str = "en") -> list[Path]:
     """nbgrader generate_assignment: solutions/LAB -> labs/LAB (or `into`/LAB); return the notebooks written.
 
     Also records the lab's cells (hidden tests included) in the gradebook, which grading needs.
+    A translation (`lang` other than English) goes to labs/<lang>/LAB, see `release_translation`.
     """
+    if lang != "en":
+        return release_translation(lang, lab, into)
     work_dir().mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in [lab_id(lab)] if lab else labs():
@@ -108,11 +111,53 @@ def release(lab: str | None = None, into: Path | None = None) -> list[Path]:
     return written
 
 
+def release_translation(lang: str, lab: str | None = None, into: Path | None = None) -> list[Path]:
+    """Release the `lang` copies (labs/<lang>/LAB, or `into`/LAB) of every lab with a translation (or of `lab`).
+
+    The solution notebooks are translated in a scratch source folder (llmlab.i18n.localize) and
+    released by the same generate_assignment, with a scratch gradebook: the course gradebook
+    keeps the English cells, against which every language is graded.
+    """
+    import shutil
+
+    from llmlab import i18n
+
+    if lang not in i18n.LANGUAGES:
+        raise CourseError(f"unknown language {lang!r}; languages: {', '.join(i18n.LANGUAGES)}")
+    todo = [lab_id(lab)] if lab else i18n.translated_labs(lang)
+    work_dir().mkdir(parents=True, exist_ok=True)
+    dest_root = Path(into or root() / "labs" / lang).resolve()
+    written: list[Path] = []
+    for name in todo:
+        translation = i18n.load(name, lang)
+        if translation is None:
+            raise CourseError(f"{name} has no translation into {lang} ({i18n.path(name, lang).relative_to(root())})")
+        with tempfile.TemporaryDirectory(dir=work_dir()) as tmp:
+            source = Path(tmp) / "source" / name
+            shutil.copytree(root() / "solutions" / name, source,
+                            ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+            for path in notebooks(name):
+                nb = i18n.localize(nbformat.read(path, as_version=4), path.name, translation, lang)
+                nbformat.write(nb, source / path.name)
+            overrides = {"source_directory": os.path.relpath(source.parent, root()),
+                         "release_directory": os.path.relpath(dest_root, root()),
+                         "db_url": f"sqlite:///{Path(tmp) / 'gradebook.db'}"}
+            result = nbgrader_api(**overrides).generate_assignment(name, force=True)
+        if not result["success"]:
+            raise CourseError(f"release of {name} ({lang}) failed:\n{result.get('error') or result.get('log')}")
+        written += sorted((dest_root / name).glob("*.ipynb"))
+    return written
+
+
 def release_drift() -> list[str]:
-    """Return the labs/ notebooks that differ from a fresh release of solutions/ (empty = in sync)."""
+    """Return the labs/ notebooks (translations in labs/<lang>/ included) that differ from a fresh release (empty = in sync)."""
+    from llmlab import i18n
+
     with tempfile.TemporaryDirectory(dir=work_dir().parent if work_dir().parent.exists() else None) as tmp:
         fresh = Path(tmp) / "labs"
         release(into=fresh)
+        for lang in i18n.LANGUAGES[1:]:
+            release(into=fresh / lang, lang=lang)
         drift = []
         for nb in sorted(fresh.rglob("*.ipynb")):
             rel = nb.relative_to(fresh)
@@ -121,13 +166,14 @@ def release_drift() -> list[str]:
                 drift.append(str(Path("labs") / rel))
         for nb in sorted((root() / "labs").rglob("*.ipynb")):
             if not (fresh / nb.relative_to(root() / "labs")).is_file() and ".ipynb_checkpoints" not in nb.parts:
-                drift.append(f"{Path('labs') / nb.relative_to(root() / 'labs')} (no source in solutions/)")
+                drift.append(f"{Path('labs') / nb.relative_to(root() / 'labs')} (no source in solutions/ or i18n/)")
         return drift
 
 
 def _cells(path: Path) -> list[tuple]:
     nb = nbformat.read(path, as_version=4)
-    return [(c.cell_type, c.source, c.metadata.get("nbgrader"), c.metadata.get("tags")) for c in nb.cells]
+    return [nb.metadata.get("language")] + [
+        (c.get("id"), c.cell_type, c.source, c.metadata.get("nbgrader"), c.metadata.get("tags")) for c in nb.cells]
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from llmlab.i18n import _
 
 
 class Watch(TorchFunctionMode):
@@ -73,21 +74,21 @@ def call(name: str, fn: Callable, *args: Any, watch: Watch | None = None) -> Any
     except Exception as e:  # noqa: BLE001 — whatever the student's code raised
         error = e
     if watch is not None and watch.hits:
-        raise AssertionError(f"{name} calls {watch.hits[0]}; this exercise asks you to implement it yourself")
+        raise AssertionError(_("{name} calls {hits}; this exercise asks you to implement it yourself").format(name=name, hits=watch.hits[0]))
     if error is not None:
         detail = str(error).strip()
-        text = f"{name} raised {type(error).__name__}" + (f": {detail}" if detail else "")
+        text = _("{name} raised {type}").format(name=name, type=type(error).__name__) + (f": {detail}" if detail else "")
         if "view size is not compatible" in str(error):
-            text += "\n(hint: after a transpose a tensor is no longer contiguous; .view cannot handle that)"
+            text += _("\n(hint: after a transpose a tensor is no longer contiguous; .view cannot handle that)")
         elif any(s in str(error) for s in SHAPE_ERRORS):
-            text += ("\n(hint: the shapes do not fit together: print the .shape of each tensor on the failing line "
-                     "and compare them with the shapes the docstring gives)")
+            text += (_("\n(hint: the shapes do not fit together: print the .shape of each tensor on the "
+                       "failing line and compare them with the shapes the docstring gives)"))
         raise AssertionError(text) from None
     return out
 
 
 def fail(name: str, message: str) -> None:
-    raise AssertionError(f"{name}: {message}")
+    raise AssertionError(_("{name}: {message}").format(name=name, message=message))
 
 
 def shape_of(t: Tensor | torch.Size | tuple) -> tuple[int, ...]:
@@ -98,16 +99,16 @@ def expect_tensor(name: str, out: Any, shape: tuple[int, ...], dtype: torch.dtyp
                    inputs: str, hints: dict[tuple[int, ...], str] | None = None) -> Tensor:
     """Fail unless `out` is a tensor of `shape` (and of `dtype`, when given); return it."""
     if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
-        fail(name, f"returns a tuple of {len(out)} values; return a single tensor")
+        fail(name, _("returns a tuple of {n_out} values; return a single tensor").format(n_out=len(out)))
     if not isinstance(out, Tensor):
-        fail(name, f"returns {type(out).__name__}, expected a torch.Tensor")
+        fail(name, _("returns {type}, expected a torch.Tensor").format(type=type(out).__name__))
     got = shape_of(out)
     if got != shape:
         hint = (hints or {}).get(got, "")
-        fail(name, f"returns shape {got} for {inputs}; expected {shape}" + (f" — {hint}" if hint else ""))
+        fail(name, _("returns shape {got} for {inputs}; expected {shape}").format(got=got, inputs=inputs, shape=shape) + (_(" — {hint}").format(hint=hint) if hint else ""))
     if dtype is not None and out.dtype != dtype:
-        fail(name, f"returns dtype {out.dtype} for {dtype} inputs; keep the input dtype "
-                    "(a hard-coded dtype, or a new tensor created without dtype=?)")
+        fail(name, _("returns dtype {dtype} for {dtype2} inputs; keep the input dtype (a hard-coded dtype, or "
+                     "a new tensor created without dtype=?)").format(dtype=out.dtype, dtype2=dtype))
     return out
 
 
@@ -155,8 +156,8 @@ def blame(name: str, run: Callable[[], None], earlier: dict[str, Callable[[], No
                 with contextlib.redirect_stdout(io.StringIO()):
                     check()
             except AssertionError as cause:
-                raise AssertionError(f"{failure}\n... but the cause may be earlier: {name} uses your {label}, whose "
-                                     f"own check fails ({cause}). Fix {label} first.") from None
+                raise AssertionError(_("{failure}\n... but the cause may be earlier: {name} uses your {label}, "
+                                       "whose own check fails ({cause}). Fix {label} first.").format(failure=failure, name=name, label=label, cause=cause)) from None
         raise
 
 
@@ -164,8 +165,8 @@ def unchanged(name: str, before: Any, after: Any, what: str) -> None:
     """Fail when the student's call changed an input (tensors, or lists/dicts of them) in place."""
     if isinstance(before, Tensor):
         if not (isinstance(after, Tensor) and shape_of(after) == shape_of(before) and torch.equal(after, before)):
-            fail(name, f"modifies {what} in place; the caller still needs it as it was: work on a copy "
-                       "(or build new tensors) instead of assigning into it or using +=, *=, .add_()")
+            fail(name, _("modifies {what} in place; the caller still needs it as it was: work on a copy (or "
+                         "build new tensors) instead of assigning into it or using +=, *=, .add_()").format(what=what))
     elif isinstance(before, dict):
         for key in before:
             unchanged(name, before[key], after[key], f"{what}[{key!r}]")
@@ -189,10 +190,10 @@ def wrong_number(name: str, case: str, raw: Any, got: float, want: float) -> Non
     """Fail for a number that is off, saying so precisely: enough digits, and a float32 tensor named as such."""
     if isinstance(raw, Tensor) and raw.dtype in (torch.float32, torch.float16, torch.bfloat16) \
             and math.isclose(got, want, rel_tol=1e-2 if raw.dtype != torch.float32 else 1e-6):
-        fail(name, f"{case} returns a {raw.dtype} tensor ({got!r}, expected {want!r}); return a Python float: "
-                   f"{raw.dtype} keeps only about {7 if raw.dtype == torch.float32 else 3} significant digits "
-                   "(compute with math, or call float(...) on a float64 result)")
-    fail(name, f"{case} gives {got:.10g}, expected {want:.10g}")
+        fail(name, _("{case} returns a {dtype} tensor ({got!r}, expected {want!r}); return a Python float: "
+                     "{dtype} keeps only about {value} significant digits (compute with math, or call "
+                     "float(...) on a float64 result)").format(case=case, dtype=raw.dtype, got=got, want=want, value=7 if raw.dtype == torch.float32 else 3))
+    fail(name, _("{case} gives {got:.10g}, expected {want:.10g}").format(case=case, got=got, want=want))
 
 
 def as_float(name: str, out: Any) -> float:
@@ -200,5 +201,5 @@ def as_float(name: str, out: Any) -> float:
     if isinstance(out, Tensor) and out.numel() == 1:
         out = out.item()
     if isinstance(out, bool) or not isinstance(out, numbers.Real):
-        fail(name, f"returns {type(out).__name__}; expected a number")
+        fail(name, _("returns {type}; expected a number").format(type=type(out).__name__))
     return float(out)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from llmlab.checks._core import as_float, blame, call, close, expect_tensor, fail, ok
+from llmlab.i18n import _, N_
 
 __all__ = ["check_parse_action", "check_safe_calculate", "check_run_agent", "check_retrieval"]
 
@@ -21,30 +22,30 @@ FINAL = "Thought: I know the answer.\nFinal Answer: %s"
 
 # (reply, what a wrong result suggests when this case fails)
 PARSE_CASES = [
-    (CALC % "12 * 7", "an Action line names the tool; the JSON after 'Action Input:' holds the arguments"),
-    ("Thought: no tool needed.\nFinal Answer: Paris", "'Final Answer:' ends the run with the answer"),
-    ('Thought: t\nAction: lookup\nAction Input: {"query": "Lake Quenby"}', "read the tool name from the Action line"),
-    ("final answer:  87 metres \n", "keywords are matched case-insensitively and the answer is stripped"),
-    ("Final Answer:\n\n 84 \nBecause 12 * 7 = 84.", "the answer is the first non-empty line after 'Final Answer:'"),
+    (CALC % "12 * 7", N_("an Action line names the tool; the JSON after 'Action Input:' holds the arguments")),
+    ("Thought: no tool needed.\nFinal Answer: Paris", N_("'Final Answer:' ends the run with the answer")),
+    ('Thought: t\nAction: lookup\nAction Input: {"query": "Lake Quenby"}', N_("read the tool name from the Action line")),
+    ("final answer:  87 metres \n", N_("keywords are matched case-insensitively and the answer is stripped")),
+    ("Final Answer:\n\n 84 \nBecause 12 * 7 = 84.", N_("the answer is the first non-empty line after 'Final Answer:'")),
     ('ACTION: `Calculator`\naction input: {"expression": "1 + 1"} thanks',
-     "tool names are lowercased with quotes and backticks stripped; the JSON object ends where it closes"),
+     N_("tool names are lowercased with quotes and backticks stripped; the JSON object ends where it closes")),
     (CALC % "2 + 2" + "\nObservation: 5\nThought: done\nFinal Answer: 5",
-     "everything from the first 'Observation:' on was invented by the model: cut it off before parsing"),
+     N_("everything from the first 'Observation:' on was invented by the model: cut it off before parsing")),
     ("Thought: I remember this one.\nObservation: the bridge is 412 metres long.\nFinal Answer: 412 metres",
-     "an answer after an invented 'Observation:' was never checked by a tool: cut the text there first"),
+     N_("an answer after an invented 'Observation:' was never checked by a tool: cut the text there first")),
     ('Thought: t\nFinal Answer: 4\nAction: calculator\nAction Input: {"expression": "1"}',
-     "a 'Final Answer:' that comes before any 'Action:' wins"),
+     N_("a 'Final Answer:' that comes before any 'Action:' wins")),
     ('{"tool": "lookup", "arguments": {"query": "Mount Arlo"}}',
-     'a reply may be a JSON tool call {"tool": ..., "arguments": {...}} (the chat-model style)'),
+     N_('a reply may be a JSON tool call {"tool": ..., "arguments": {...}} (the chat-model style)')),
     ('Sure! {"tool": "Calculator", "arguments": {"expression": "2 ** 8"}}',
-     "a JSON tool call may come after some text; lowercase its tool name too"),
-    ("The answer is 84.", "a reply with neither an action nor a final answer is malformed"),
-    ("Action: calculator", "an Action without an Action Input is malformed"),
-    ("Action: calculator\nAction Input: 12 * 7", "an Action Input that is not a JSON object is malformed"),
-    ('Action: calculator\nAction Input: ["12 * 7"]', "an Action Input must be a JSON *object* (a dict)"),
-    ('Action:\nAction Input: {"expression": "1"}', "an Action line without a tool name is malformed"),
-    ("Thought: done\nFinal Answer:   ", "an empty Final Answer is malformed"),
-    ('{"tool": "calculator"}', "a JSON tool call needs both \"tool\" (a string) and \"arguments\" (an object)"),
+     N_("a JSON tool call may come after some text; lowercase its tool name too")),
+    ("The answer is 84.", N_("a reply with neither an action nor a final answer is malformed")),
+    ("Action: calculator", N_("an Action without an Action Input is malformed")),
+    ("Action: calculator\nAction Input: 12 * 7", N_("an Action Input that is not a JSON object is malformed")),
+    ('Action: calculator\nAction Input: ["12 * 7"]', N_("an Action Input must be a JSON *object* (a dict)")),
+    ('Action:\nAction Input: {"expression": "1"}', N_("an Action line without a tool name is malformed")),
+    ("Thought: done\nFinal Answer:   ", N_("an empty Final Answer is malformed")),
+    ('{"tool": "calculator"}', N_("a JSON tool call needs both \"tool\" (a string) and \"arguments\" (an object)")),
 ]
 KEYS = ("kind", "tool", "arguments", "answer")
 
@@ -63,19 +64,20 @@ def check_parse_action(fn: Callable) -> None:
     for text, hint in PARSE_CASES:
         out = call(name, fn, text)
         if not isinstance(out, dict) or "kind" not in out:
-            fail(name, f"returns {type(out).__name__}; expected a dict with keys kind, tool, arguments, answer, error")
+            fail(name, _("returns {type}; expected a dict with keys kind, tool, arguments, answer, error").format(type=type(out).__name__))
         want = _reference_parse(text)
         shown = json.dumps(text) if len(json.dumps(text)) <= 90 else json.dumps(text)[:85] + '..."'
         if out["kind"] != want["kind"]:
-            fail(name, f"on {shown}: kind {out['kind']!r}, expected {want['kind']!r} — {hint}")
+            fail(name, _("on {shown}: kind {out!r}, expected {want!r} — {hint}").format(shown=shown, out=out['kind'], want=want['kind'], hint=_(hint)))
         if want["kind"] == "malformed":
             if not isinstance(out.get("error"), str) or not out["error"].strip():
-                fail(name, f"on {shown}: a malformed reply needs an 'error' text the model can read and act on")
+                fail(name, _("on {shown}: a malformed reply needs an 'error' text the model can read and act on").format(shown=shown))
             continue
         for key in KEYS[1:]:
             if out.get(key) != want[key]:
-                fail(name, f"on {shown}: {key} = {out.get(key)!r} is not right — {hint}")
-    ok("parse_action: ReAct and JSON tool calls, final answers, invented observations cut, malformed replies explained")
+                fail(name, _("on {shown}: {key} = {get!r} is not right — {hint}").format(shown=shown, key=key, get=out.get(key), hint=_(hint)))
+    ok(_("parse_action: ReAct and JSON tool calls, final answers, invented observations cut, malformed replies "
+         "explained"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -85,17 +87,17 @@ VALID = ["1 + 2 * 3", "(1 + 2) * 3", "7 / 2", "7 // 2", "-7 // 2", "7 % 3", "2 *
          "+5", "--5", "1.5e3 + 0.25", "((4))", " 12*7 ", "10 ** 100"]
 # (expression, what it is); the costly ones last, so a hang shows which case caused it
 REFUSE = [
-    ("__import__('os').system('echo hacked')", "a call of __import__"), ("__import__('os')", "a call"),
-    ("open('secrets.txt')", "a call"), ("x", "a name"), ("pi * 2", "a name"), ("(1).real", "attribute access"),
-    ("().__class__.__bases__[0].__subclasses__()", "attribute access"), ("[1, 2][0]", "a subscript"),
-    ("lambda: 1", "a lambda"), ("[i for i in range(3)]", "a comprehension"), ("'a' * 3", "a string"),
-    ("True + 1", "a bool (only int and float literals)"), ("1j * 1j", "a complex number"), ("1 < 2", "a comparison"),
-    ("1 if 1 else 2", "a conditional"), ("1 +", "a syntax error"), ("", "an empty expression"),
-    ("1 / 0", "a division by zero"), ("5 % 0", "a modulo by zero"), ("(-8) ** 0.5", "a complex result"),
-    ("1" * 201, "an input over 200 characters"), ("10 ** 101", "a result over 1e100"),
-    ("1e308 * 10", "a float overflow"), ("(10 ** 60) * (10 ** 60)", "an intermediate result over 1e100"),
-    ("2 ** 101", "an exponent over 100"), ("(2 ** 100) ** 100", "an exponent over 100 of a huge base"),
-    ("9 ** 9 ** 9", "a tower of powers (it would take hours: refuse the exponent BEFORE computing)"),
+    ("__import__('os').system('echo hacked')", N_("a call of __import__")), ("__import__('os')", N_("a call")),
+    ("open('secrets.txt')", N_("a call")), ("x", N_("a name")), ("pi * 2", N_("a name")), ("(1).real", N_("attribute access")),
+    ("().__class__.__bases__[0].__subclasses__()", N_("attribute access")), ("[1, 2][0]", N_("a subscript")),
+    ("lambda: 1", N_("a lambda")), ("[i for i in range(3)]", N_("a comprehension")), ("'a' * 3", N_("a string")),
+    ("True + 1", N_("a bool (only int and float literals)")), ("1j * 1j", N_("a complex number")), ("1 < 2", N_("a comparison")),
+    ("1 if 1 else 2", N_("a conditional")), ("1 +", N_("a syntax error")), ("", N_("an empty expression")),
+    ("1 / 0", N_("a division by zero")), ("5 % 0", N_("a modulo by zero")), ("(-8) ** 0.5", N_("a complex result")),
+    ("1" * 201, N_("an input over 200 characters")), ("10 ** 101", N_("a result over 1e100")),
+    ("1e308 * 10", N_("a float overflow")), ("(10 ** 60) * (10 ** 60)", N_("an intermediate result over 1e100")),
+    ("2 ** 101", N_("an exponent over 100")), ("(2 ** 100) ** 100", N_("an exponent over 100 of a huge base")),
+    ("9 ** 9 ** 9", N_("a tower of powers (it would take hours: refuse the exponent BEFORE computing)")),
 ]
 
 
@@ -108,10 +110,10 @@ def check_safe_calculate(fn: Callable) -> None:
         out = call(name, fn, expression)
         want = agent.safe_calculate(expression)
         if isinstance(out, bool) or not isinstance(out, (int, float)):
-            fail(name, f"{expression!r} returns {type(out).__name__}; return the number (int or float)")
+            fail(name, _("{expression!r} returns {type}; return the number (int or float)").format(expression=expression, type=type(out).__name__))
         if out != want or type(out) is not type(want):
-            fail(name, f"{expression!r} gives {out!r}; evaluate with Python's arithmetic on the parsed numbers "
-                        "(int stays int, / gives a float)")
+            fail(name, _("{expression!r} gives {out!r}; evaluate with Python's arithmetic on the parsed "
+                         "numbers (int stays int, / gives a float)").format(expression=expression, out=out))
     for expression, what in REFUSE:
         shown = repr(expression if len(expression) < 50 else expression[:20] + "...")
         try:
@@ -119,26 +121,27 @@ def check_safe_calculate(fn: Callable) -> None:
         except ValueError:
             continue
         except Exception as e:  # noqa: BLE001 — the student's code raised something else
-            fail(name, f"{shown} ({what}) raises {type(e).__name__}; refuse with ValueError (catch and re-raise)"
-                        + (" — is this eval? never run the text as code" if what.startswith(("a call", "attribute")) else ""))
-        fail(name, f"{shown} ({what}) returned {str(out)[:40]!r}; it must raise ValueError"
-                    + (" — is this eval? never run the text as code" if what.startswith(("a call", "attribute")) else ""))
-    ok("safe_calculate: arithmetic evaluated from the syntax tree; code, names, huge numbers and long inputs refused")
+            fail(name, _("{shown} ({what}) raises {type}; refuse with ValueError (catch and re-raise)").format(shown=shown, what=_(what), type=type(e).__name__)
+                        + (_(" — is this eval? never run the text as code") if what.startswith(("a call", "attribute")) else ""))
+        fail(name, _("{shown} ({what}) returned {out!r}; it must raise ValueError").format(shown=shown, what=_(what), out=str(out)[:40])
+                    + (_(" — is this eval? never run the text as code") if what.startswith(("a call", "attribute")) else ""))
+    ok(_("safe_calculate: arithmetic evaluated from the syntax tree; code, names, huge numbers and long inputs "
+         "refused"))
 
 
 # ----------------------------------------------------------------------------------------
 # The loop's stop conditions
 
 LOOP_CASES = [  # (replies, max_steps, time_budget_s, delay_s, what the case tests)
-    ([CALC % "12 * 7", FINAL % "84"], 5, 30.0, 0.0, "a tool call, then the final answer"),
-    (["It is 84, I think.", FINAL % "84"], 5, 30.0, 0.0, "a malformed reply is reported back and the loop goes on"),
+    ([CALC % "12 * 7", FINAL % "84"], 5, 30.0, 0.0, N_("a tool call, then the final answer")),
+    (["It is 84, I think.", FINAL % "84"], 5, 30.0, 0.0, N_("a malformed reply is reported back and the loop goes on")),
     (['Action: python\nAction Input: {"code": "1"}', FINAL % "1"], 5, 30.0, 0.0,
-     "an unknown tool is reported back as an observation"),
-    ([CALC % "2 ** 1000", FINAL % "none"], 5, 30.0, 0.0, "a tool's error is reported back as an observation"),
-    ([FINAL % "Paris"], 1, 30.0, 0.0, "a final answer on the last allowed step is still an answer"),
-    ([CALC % "1 + 1"] * 10, 3, 30.0, 0.0, "after max_steps model calls without an answer: status 'max_steps'"),
-    ([CALC % "1 + 1"], 5, 30.0, 0.0, "the model fails (the script runs out): status 'error'"),
-    ([CALC % "1 + 1"] * 30, 30, 0.5, 0.2, "no new model call once time_budget_s has passed: status 'timeout'"),
+     N_("an unknown tool is reported back as an observation")),
+    ([CALC % "2 ** 1000", FINAL % "none"], 5, 30.0, 0.0, N_("a tool's error is reported back as an observation")),
+    ([FINAL % "Paris"], 1, 30.0, 0.0, N_("a final answer on the last allowed step is still an answer")),
+    ([CALC % "1 + 1"] * 10, 3, 30.0, 0.0, N_("after max_steps model calls without an answer: status 'max_steps'")),
+    ([CALC % "1 + 1"], 5, 30.0, 0.0, N_("the model fails (the script runs out): status 'error'")),
+    ([CALC % "1 + 1"] * 30, 30, 0.5, 0.2, N_("no new model call once time_budget_s has passed: status 'timeout'")),
 ]
 
 
@@ -163,34 +166,35 @@ def _check_run_agent(fn: Callable) -> None:
     for replies, max_steps, budget, delay, what in LOOP_CASES:
         out = call(name, fn, list(replies), max_steps, budget, delay)
         if not isinstance(out, dict) or not {"status", "answer", "steps"} <= set(out):
-            fail(name, "returns something other than a dict with keys status, answer, steps")
+            fail(name, _("returns something other than a dict with keys status, answer, steps"))
         want = _reference_loop(replies, max_steps, budget, delay)
         steps = out["steps"]
         if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-            fail(name, "steps must be a list of dicts, one per model call")
+            fail(name, _("steps must be a list of dicts, one per model call"))
         if out["status"] != want.status:
-            fail(name, f"case '{what}': status {out['status']!r}, expected {want.status!r}")
+            fail(name, _("case '{what}': status {out!r}, expected {status!r}").format(what=_(what), out=out['status'], status=want.status))
         if want.status == "timeout":
             if not 1 <= len(steps) <= 4:
-                fail(name, f"case '{what}': {len(steps)} steps in a 0.5 s budget with 0.2 s per model call; "
-                            "check the clock before each call")
+                fail(name, _("case '{what}': {n_steps} steps in a 0.5 s budget with 0.2 s per model call; "
+                             "check the clock before each call").format(what=_(what), n_steps=len(steps)))
             continue
         if len(steps) != len(want.steps):
-            fail(name, f"case '{what}': {len(steps)} steps, expected {len(want.steps)} (one per model call)")
+            fail(name, _("case '{what}': {n_steps} steps, expected {n_steps2} (one per model call)").format(what=_(what), n_steps=len(steps), n_steps2=len(want.steps)))
         if out["answer"] != want.answer:
-            fail(name, f"case '{what}': answer {out['answer']!r}, expected {want.answer!r}")
+            fail(name, _("case '{what}': answer {out!r}, expected {answer!r}").format(what=_(what), out=out['answer'], answer=want.answer))
         for i, (got, ref) in enumerate(zip(steps, want.steps)):
             if got.get("kind") != ref.parsed.kind:
-                fail(name, f"case '{what}': step {i + 1} kind {got.get('kind')!r}, expected {ref.parsed.kind!r}")
+                fail(name, _("case '{what}': step {value} kind {get!r}, expected {kind!r}").format(what=_(what), value=i + 1, get=got.get('kind'), kind=ref.parsed.kind))
             observation = got.get("observation")
             if ref.observation is None:
                 if observation is not None:
-                    fail(name, f"case '{what}': step {i + 1} is the final answer; its observation is None")
+                    fail(name, _("case '{what}': step {value} is the final answer; its observation is None").format(what=_(what), value=i + 1))
             elif not isinstance(observation, str) or not observation.strip():
-                fail(name, f"case '{what}': step {i + 1} needs an observation for the model (what happened)")
+                fail(name, _("case '{what}': step {value} needs an observation for the model (what happened)").format(what=_(what), value=i + 1))
         if replies[0] == CALC % "12 * 7" and "84" not in steps[0]["observation"]:
-            fail(name, f"case '{what}': the first observation should hold the calculator's result 84")
-    ok("run_agent: answers, reports mistakes back, and stops on max_steps, the time budget and a failing model")
+            fail(name, _("case '{what}': the first observation should hold the calculator's result 84").format(what=_(what)))
+    ok(_("run_agent: answers, reports mistakes back, and stops on max_steps, the time budget and a failing "
+         "model"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,24 +221,24 @@ def check_retrieval(top_k_fn: Callable, recall_fn: Callable) -> None:
     k = 4
     out = call(name, top_k_fn, queries, keys, k)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        fail(name, "returns something other than a pair (scores, indices)")
-    inputs = "queries (6, 16), keys (40, 16), k=4"
+        fail(name, _("returns something other than a pair (scores, indices)"))
+    inputs = _("queries (6, 16), keys (40, 16), k=4")
     scores = expect_tensor(name, out[0], (6, k), None, inputs)
-    indices = expect_tensor(name, out[1], (6, k), None, inputs, hints={(k, 6): "transposed? one row per query"}).long()
+    indices = expect_tensor(name, out[1], (6, k), None, inputs, hints={(k, 6): _("transposed? one row per query")}).long()
     want_scores, want_rows = _reference_top_k(queries, keys, k)
     if not torch.equal(indices, want_rows):
         unit = torch.nn.functional.normalize
         similarity = unit(queries, dim=-1) @ unit(keys, dim=-1).T  # (6, 40)
         if torch.equal(indices, (queries @ keys.T).topk(k, dim=-1).indices):
-            fail(name, "ranks by the raw dot product: normalise queries and keys to unit length first "
-                        "(long vectors would win whatever their direction)")
+            fail(name, _("ranks by the raw dot product: normalise queries and keys to unit length first (long "
+                         "vectors would win whatever their direction)"))
         if torch.equal(indices, (-similarity).topk(k, dim=-1).indices):
-            fail(name, "returns the LEAST similar keys; take the largest similarities")
+            fail(name, _("returns the LEAST similar keys; take the largest similarities"))
         if torch.equal(indices, want_rows.flip(-1)):
-            fail(name, "the right keys, in the wrong order: best first")
-        fail(name, "indices differ from the k most cosine-similar keys per query, best first")
+            fail(name, _("the right keys, in the wrong order: best first"))
+        fail(name, _("indices differ from the k most cosine-similar keys per query, best first"))
     if not close(scores, want_scores, 1e-4):
-        fail(name, "the scores should be the cosine similarities of the returned keys (between -1 and 1)")
+        fail(name, _("the scores should be the cosine similarities of the returned keys (between -1 and 1)"))
 
     name = "recall_at_k"
     cases = [([[1, 2, 3], [4, 5, 6]], [[1], [9]], 0.5), ([[1, 2], [3, 4], [5, 6]], [[2], [3], [6]], 1.0),
@@ -246,11 +250,12 @@ def check_retrieval(top_k_fn: Callable, recall_fn: Callable) -> None:
             per_query = sum(any(i in rel for i in ret) for ret, rel in zip(retrieved, relevant)) / len(retrieved)
             over_k = sum(len(set(ret) & set(rel)) / len(ret) for ret, rel in zip(retrieved, relevant)) / len(retrieved)
             if abs(got - over_k) < 1e-9:
-                fail(name, f"{retrieved}, relevant {relevant}: {got:.3g} divides the hits by k (that is precision@k); "
-                            "recall divides them by the number of RELEVANT items of the query")
+                fail(name, _("{retrieved}, relevant {relevant}: {got:.3g} divides the hits by k (that is "
+                             "precision@k); recall divides them by the number of RELEVANT items of the query").format(retrieved=retrieved, relevant=relevant, got=got))
             if abs(got - per_query) < 1e-9:
-                fail(name, f"{retrieved}, relevant {relevant}: {got:.3g} counts a query as a hit if ANY relevant "
-                            "item is found; recall is the FRACTION of the relevant items found, averaged over queries")
-            fail(name, f"{retrieved}, relevant {relevant}: {got:.3g}, expected {want:.3g}")
-    ok("retrieval: cosine top-k matches faiss' exact inner-product search on unit vectors; recall@k is right")
+                fail(name, _("{retrieved}, relevant {relevant}: {got:.3g} counts a query as a hit if ANY "
+                             "relevant item is found; recall is the FRACTION of the relevant items found, "
+                             "averaged over queries").format(retrieved=retrieved, relevant=relevant, got=got))
+            fail(name, _("{retrieved}, relevant {relevant}: {got:.3g}, expected {want:.3g}").format(retrieved=retrieved, relevant=relevant, got=got, want=want))
+    ok(_("retrieval: cosine top-k matches faiss' exact inner-product search on unit vectors; recall@k is right"))
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from llmlab.checks._core import (as_float, call, close, expect_tensor, fail, max_err, ok, randn, shape_of, snapshot,
                                  unchanged, wrong_number)
+from llmlab.i18n import _, N_
 
 __all__ = ['check_bpe', 'check_clm_loss', 'check_block', 'check_lr_schedule', 'check_accumulate', 'check_next_token_probs', 'check_perplexity']
 
@@ -31,32 +32,34 @@ def check_bpe(merge_fn: Callable, pair_fn: Callable) -> None:
         if isinstance(out, Tensor):
             out = out.tolist()
         if not isinstance(out, (list, tuple)):
-            fail("merge", f"returns {type(out).__name__}; expected a list of ints")
+            fail("merge", _("returns {type}; expected a list of ints").format(type=type(out).__name__))
         out, want = list(out), tok.merge(ids, pair, new_id)
         if out == want:
             continue
         shown = f"merge({ids[:12]}{'...' if len(ids) > 12 else ''}, {pair}, {new_id})"
         if len(out) == len(ids):
-            fail("merge", f"{shown} keeps the length: a merged pair of two ids must become ONE id")
+            fail("merge", _("{shown} keeps the length: a merged pair of two ids must become ONE id").format(shown=shown))
         if ids and out == want[:-1] and want[-1] == ids[-1]:
-            fail("merge", f"{shown}: the last id is dropped; it has no right neighbour, but it still belongs to the output")
+            fail("merge", _("{shown}: the last id is dropped; it has no right neighbour, but it still belongs "
+                            "to the output").format(shown=shown))
         if pair[0] == pair[1] and len(out) < len(want):
-            fail("merge", f"{shown}: overlapping occurrences — once a pair is merged, its second id is used up")
+            fail("merge", _("{shown}: overlapping occurrences — once a pair is merged, its second id is used up").format(shown=shown))
         i = next((i for i, (a, b) in enumerate(zip(out, want)) if a != b), min(len(out), len(want)))
-        fail("merge", f"{shown} gives {out[:12]}{'...' if len(out) > 12 else ''}: it goes wrong at index {i}; scan "
-                      "left to right, turn each occurrence of the pair into new_id and keep every other id as it is")
+        fail("merge", _("{shown} gives {out}{value}: it goes wrong at index {i}; scan left to right, turn each "
+                        "occurrence of the pair into new_id and keep every other id as it is").format(shown=shown, out=out[:12], value='...' if len(out) > 12 else '', i=i))
     for ids in ([1, 2, 3, 1, 2], [3, 4, 1, 2], [9, 9, 9, 1, 9, 9], [7, 1, 7, 1, 0, 2, 0, 2]):
         out = call("most_frequent_pair", pair_fn, list(ids))
         if not isinstance(out, (list, tuple)) or len(out) != 2:
-            fail("most_frequent_pair", f"returns {out!r}; expected a pair (left id, right id)")
+            fail("most_frequent_pair", _("returns {out!r}; expected a pair (left id, right id)").format(out=out))
         out = tuple(int(i) for i in out)
         want = tok.most_frequent_pair(tok.pair_counts(ids))
         if out != want:
             counts = tok.pair_counts(ids)
             if out in counts and counts[out] == counts[want]:
-                fail("most_frequent_pair", f"on {ids}: {out} ties with another pair; break ties by the smallest pair")
-            fail("most_frequent_pair", f"on {ids}: {out} is not the most frequent adjacent pair")
-    ok("bpe: merges left to right without overlaps, picks the most frequent pair with the smallest on ties")
+                fail("most_frequent_pair", _("on {ids}: {out} ties with another pair; break ties by the "
+                                             "smallest pair").format(ids=ids, out=out))
+            fail("most_frequent_pair", _("on {ids}: {out} is not the most frequent adjacent pair").format(ids=ids, out=out))
+    ok(_("bpe: merges left to right without overlaps, picks the most frequent pair with the smallest on ties"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,20 +75,20 @@ def check_clm_loss(fn: Callable) -> None:
     tokens = torch.randint(0, V, (B, T), generator=gen)
     out = call(name, fn, logits, tokens)
     if not isinstance(out, Tensor):
-        fail(name, f"returns {type(out).__name__}; expected a scalar tensor")
+        fail(name, _("returns {type}; expected a scalar tensor").format(type=type(out).__name__))
     if out.dim() != 0:
-        fail(name, f"returns shape {shape_of(out)}; expected a scalar (the mean over positions)")
+        fail(name, _("returns shape {shape_of}; expected a scalar (the mean over positions)").format(shape_of=shape_of(out)))
     want = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
     if close(out, want, 1e-10):
-        ok("causal LM loss: shifted targets, mean over the B x (T-1) predictions")
+        ok(_("causal LM loss: shifted targets, mean over the B x (T-1) predictions"))
         return
     if close(out, F.cross_entropy(logits.reshape(-1, V), tokens.reshape(-1)), 1e-10):
-        fail(name, "scores each position against its OWN token; position t must predict token t + 1")
+        fail(name, _("scores each position against its OWN token; position t must predict token t + 1"))
     if close(out, F.cross_entropy(logits[:, 1:].reshape(-1, V), tokens[:, :-1].reshape(-1)), 1e-10):
-        fail(name, "shifted the wrong way: the logits at position t predict tokens[:, t + 1]")
+        fail(name, _("shifted the wrong way: the logits at position t predict tokens[:, t + 1]"))
     if close(out, want * B * (T - 1), 1e-8):
-        fail(name, "returns the sum; the loss is the mean over the predictions")
-    fail(name, f"differs from the reference (max |error| {max_err(out, want):.2e})")
+        fail(name, _("returns the sum; the loss is the mean over the predictions"))
+    fail(name, _("differs from the reference (max |error| {max_err:.2e})").format(max_err=max_err(out, want)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,26 +141,26 @@ def _block_variant(x: Tensor, p: dict, n_head: int, theta: float = 10000.0, eps:
 
 
 BOTH_BRANCHES = [  # (variant, what it means): mistakes either branch can make
-    (dict(norm="layer"), "uses LayerNorm; the Llama block uses RMSNorm: weight * h / sqrt(mean(h^2) + eps), "
-                         "no mean subtracted and no bias"),
-    (dict(norm="unweighted"), "the RMSNorm weight (input_layernorm.weight / post_attention_layernorm.weight) is not applied"),
-    (dict(post_norm=True), "normalises after the residual add (post-norm); this block is pre-norm: x + branch(norm(x))"),
+    (dict(norm="layer"), N_("uses LayerNorm; the Llama block uses RMSNorm: weight * h / sqrt(mean(h^2) + eps), "
+                         "no mean subtracted and no bias")),
+    (dict(norm="unweighted"), N_("the RMSNorm weight (input_layernorm.weight / post_attention_layernorm.weight) is not applied")),
+    (dict(post_norm=True), N_("normalises after the residual add (post-norm); this block is pre-norm: x + branch(norm(x))")),
 ]
-NO_RESIDUAL = "the residual connection is missing: the branch's output is ADDED to x"
+NO_RESIDUAL = N_("the residual connection is missing: the branch's output is ADDED to x")
 ATTENTION_BRANCH = [
     (dict(no_residual="attn"), NO_RESIDUAL),
-    (dict(scale=1.0), "the scores are missing the 1/sqrt(head_dim) scale"),
-    (dict(scale="n_embd"), "the scale uses n_embd; each head's scores are over head_dim = n_embd / n_head"),
-    (dict(interleave=True), "the head split is wrong: head h owns the contiguous columns h*head_dim .. (h+1)*head_dim - 1 "
-                            "(view as (B, T, n_head, head_dim), then swap T and n_head)"),
-    (dict(rope=False), "ignores positions: rotate q and k with RoPE before the scores"),
+    (dict(scale=1.0), N_("the scores are missing the 1/sqrt(head_dim) scale")),
+    (dict(scale="n_embd"), N_("the scale uses n_embd; each head's scores are over head_dim = n_embd / n_head")),
+    (dict(interleave=True), N_("the head split is wrong: head h owns the contiguous columns h*head_dim .. (h+1)*head_dim - 1 "
+                            "(view as (B, T, n_head, head_dim), then swap T and n_head)")),
+    (dict(rope=False), N_("ignores positions: rotate q and k with RoPE before the scores")),
 ]
 MLP_BRANCH = [
     (dict(no_residual="mlp"), NO_RESIDUAL),
-    (dict(mlp="gate-only"), "the MLP is SwiGLU: down(silu(gate(h)) * up(h)); up_proj is missing"),
-    (dict(mlp="up-only"), "the MLP is SwiGLU: down(silu(gate(h)) * up(h)); the gate (gate_proj) is missing"),
-    (dict(mlp="gate-on-up"), "SiLU is applied to the wrong branch: silu(gate(h)) * up(h), the activation on gate_proj"),
-    (dict(mlp="gelu"), "the activation is SiLU (x * sigmoid(x)), not GELU"),
+    (dict(mlp="gate-only"), N_("the MLP is SwiGLU: down(silu(gate(h)) * up(h)); up_proj is missing")),
+    (dict(mlp="up-only"), N_("the MLP is SwiGLU: down(silu(gate(h)) * up(h)); the gate (gate_proj) is missing")),
+    (dict(mlp="gate-on-up"), N_("SiLU is applied to the wrong branch: silu(gate(h)) * up(h), the activation on gate_proj")),
+    (dict(mlp="gelu"), N_("the activation is SiLU (x * sigmoid(x)), not GELU")),
 ]
 
 
@@ -186,30 +189,30 @@ def check_block(fn: Callable) -> None:
     later = x.clone()
     later[:, 5:] += torch.randn(2, T - 5, C, dtype=torch.float64)
     if not close(run(params, later)[:, :5], out[:, :5], 1e-8):
-        fail(name, "changing tokens 5.. changes the outputs at positions 0..4: a token sees the future. "
-                   "Mask the scores causally (query i sees keys 0..i)")
+        fail(name, _("changing tokens 5.. changes the outputs at positions 0..4: a token sees the future. Mask "
+                     "the scores causally (query i sees keys 0..i)"))
     zero = lambda key: {**params, key: torch.zeros_like(params[key])}  # noqa: E731
-    for label, p, own in (("the attention branch (run with the MLP's down_proj at zero)", zero("mlp.down_proj.weight"),
+    for label, p, own in ((_("the attention branch (run with the MLP's down_proj at zero)"), zero("mlp.down_proj.weight"),
                            ATTENTION_BRANCH),
-                          ("the MLP branch (run with the attention's o_proj at zero)", zero("self_attn.o_proj.weight"),
+                          (_("the MLP branch (run with the attention's o_proj at zero)"), zero("self_attn.o_proj.weight"),
                            MLP_BRANCH)):
         got = run(p)
         if close(got, _block_variant(x, p, H), 1e-8):
             continue
         for variant, message in BOTH_BRANCHES + own:
             if close(got, _block_variant(x, p, H, **variant), 1e-8):
-                fail(name, f"{label}: {message}")
-        fail(name, f"{label} differs from the Llama block's (max |error| {max_err(got, _block_variant(x, p, H)):.2e}); "
-                   "check its norm, projections (x @ W.T) and residual")
+                fail(name, _("{label}: {message}").format(label=label, message=_(message)))
+        fail(name, _("{label} differs from the Llama block's (max |error| {max_err:.2e}); check its norm, "
+                     "projections (x @ W.T) and residual").format(label=label, max_err=max_err(got, _block_variant(x, p, H))))
     if not close(out, want, 1e-8):
-        fail(name, f"each branch alone is right, but the whole block is not (max |error| {max_err(out, want):.2e}): "
-                   "the MLP reads the stream AFTER the attention's residual add")
+        fail(name, _("each branch alone is right, but the whole block is not (max |error| {max_err:.2e}): the "
+                     "MLP reads the stream AFTER the attention's residual add").format(max_err=max_err(out, want)))
     got = run(params, x, 500.0, 1e-6)
     if not close(got, _block_variant(x, params, H, 500.0, 1e-6), 1e-8):
         if close(got, _block_variant(x, params, H, 10000.0, 1e-6), 1e-8):
-            fail(name, "the rope_theta argument is ignored (tried rope_theta=500.0)")
-        fail(name, "wrong with rope_theta=500.0 and eps=1e-6: are both arguments used?")
-    ok("block: causal pre-norm attention with RoPE and a SwiGLU MLP, matches llmlab.model.Block")
+            fail(name, _("the rope_theta argument is ignored (tried rope_theta=500.0)"))
+        fail(name, _("wrong with rope_theta=500.0 and eps=1e-6: are both arguments used?"))
+    ok(_("block: causal pre-norm attention with RoPE and a SwiGLU MLP, matches llmlab.model.Block"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,33 +236,36 @@ def check_lr_schedule(fn: Callable) -> None:
             for t in range(d + 3):
                 raw = call(name, fn, t, max_lr, min_lr, w, d)
                 if not math.isclose(as_float(name, raw), train.lr_at(t, edge), rel_tol=1e-9, abs_tol=1e-15):
-                    wrong_number(name, f"warmup_steps={w}, decay_steps={d}: step {t} (an edge case: "
-                                       + ("no warmup at all)" if w == 0 else "from decay_steps on, min_lr)"),
+                    wrong_number(name, _("warmup_steps={w}, decay_steps={d}: step {t} (an edge case: ").format(w=w, d=d, t=t)
+                                       + (_("no warmup at all)") if w == 0 else _("from decay_steps on, min_lr)")),
                                  raw, as_float(name, raw), train.lr_at(t, edge))
-        ok("lr schedule: linear warmup to max_lr, half cosine to min_lr, then flat")
+        ok(_("lr schedule: linear warmup to max_lr, half cosine to min_lr, then flat"))
         return
     s = bad[0]
     if s < warmup:
         if math.isclose(got[s], max_lr):
-            fail(name, f"step {s} already uses max_lr: there is no warmup")
+            fail(name, _("step {s} already uses max_lr: there is no warmup").format(s=s))
         if math.isclose(got[s], max_lr * s / warmup, abs_tol=1e-15):
-            fail(name, f"step {s}: off by one — step 0 must already take a small step: max_lr * (step + 1) / warmup_steps")
-        wrong_number(name, f"step {s} (warmup, a linear rise to max_lr)", raw[s], got[s], want[s])
+            fail(name, _("step {s}: off by one — step 0 must already take a small step: max_lr * (step + 1) / "
+                         "warmup_steps").format(s=s))
+        wrong_number(name, _("step {s} (warmup, a linear rise to max_lr)").format(s=s), raw[s], got[s], want[s])
     if s >= decay:
-        fail(name, f"step {s} (after decay_steps): {got[s]:.6g}; the schedule stays at min_lr")
+        fail(name, _("step {s} (after decay_steps): {got:.6g}; the schedule stays at min_lr").format(s=s, got=got[s]))
     cosine = lambda progress: min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)  # noqa: E731
-    for progress, why in ((lambda t: t / decay, "counts from step 0; it starts when the warmup ends: "
-                                                 "progress = (step - warmup_steps) / (decay_steps - warmup_steps)"),
-                          (lambda t: (t - warmup) / decay, "divides by decay_steps; the cosine spans the "
-                                                           "decay_steps - warmup_steps steps after the warmup"),
-                          (lambda t: (t - warmup + 1) / (decay - warmup), "is one step ahead: at step warmup_steps "
-                                                                          "the progress is 0, so the lr is still max_lr")):
+    for progress, why in ((lambda t: t / decay, _("counts from step 0; it starts when the warmup ends: "
+                                                  "progress = (step - warmup_steps) / (decay_steps - "
+                                                  "warmup_steps)")),
+                          (lambda t: (t - warmup) / decay, _("divides by decay_steps; the cosine spans the "
+                                                             "decay_steps - warmup_steps steps after the warmup")),
+                          (lambda t: (t - warmup + 1) / (decay - warmup), _("is one step ahead: at step "
+                                                                            "warmup_steps the progress is 0, so "
+                                                                            "the lr is still max_lr"))):
         if all(math.isclose(got[t], cosine(progress(t)), rel_tol=1e-9) for t in range(warmup, decay)):
-            fail(name, f"the cosine's progress {why}")
+            fail(name, _("the cosine's progress {why}").format(why=why))
     if all(math.isclose(got[t], max_lr - (t - warmup) / (decay - warmup) * (max_lr - min_lr), rel_tol=1e-9)
            for t in range(warmup, decay)):
-        fail(name, "decays linearly; the decay from max_lr to min_lr is a half cosine")
-    wrong_number(name, f"step {s} (decay)", raw[s], got[s], want[s])
+        fail(name, _("decays linearly; the decay from max_lr to min_lr is a half cosine"))
+    wrong_number(name, _("step {s} (decay)").format(s=s), raw[s], got[s], want[s])
 
 
 # ----------------------------------------------------------------------------------------
@@ -276,7 +282,8 @@ def check_accumulate(fn: Callable) -> None:
         out = call(name, fn, grads, sizes)
         unchanged(name, before, grads, "micro_grads")
         if not isinstance(out, dict) or set(out) != {"w", "b"}:
-            fail(name, "returns something other than a dict with the same names as each micro-batch's gradients")
+            fail(name, _("returns something other than a dict with the same names as each micro-batch's "
+                         "gradients"))
         n = sum(sizes)
         want = {k: sum(g[k] * s for g, s in zip(grads, sizes)) / n for k in ("w", "b")}
         if all(close(out[k], want[k], 1e-10) for k in want):
@@ -284,12 +291,12 @@ def check_accumulate(fn: Callable) -> None:
         total = {k: sum(g[k] for g in grads) for k in want}
         mean = {k: total[k] / len(grads) for k in want}
         if all(close(out[k], total[k], 1e-10) for k in want):
-            fail(name, "adds the micro-batch gradients: each is already a mean, so the sum is k times too big")
+            fail(name, _("adds the micro-batch gradients: each is already a mean, so the sum is k times too big"))
         if all(close(out[k], mean[k], 1e-10) for k in want):
-            fail(name, f"sizes {sizes}: a plain mean gives a small last micro-batch as much weight as a "
-                        "full one; weight each by its number of examples")
-        fail(name, f"sizes {sizes}: not the gradient of the mean loss over the whole batch")
-    ok("accumulate: size-weighted mean of micro-batch gradients = the gradient of the whole batch")
+            fail(name, _("sizes {sizes}: a plain mean gives a small last micro-batch as much weight as a full "
+                         "one; weight each by its number of examples").format(sizes=sizes))
+        fail(name, _("sizes {sizes}: not the gradient of the mean loss over the whole batch").format(sizes=sizes))
+    ok(_("accumulate: size-weighted mean of micro-batch gradients = the gradient of the whole batch"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,27 +324,28 @@ def check_next_token_probs(fn: Callable) -> None:
     for temperature, top_k in ((1.0, None), (0.5, None), (2.0, 3), (1.0, 1), (0.0, None), (0.7, 10), (1.0, 2)):
         args = f"temperature={temperature}, top_k={top_k}"
         out = expect_tensor(name, call(name, fn, logits, temperature, top_k), (3, 10), logits.dtype,
-                             f"logits (3, 10), {args}")
+                             _("logits (3, 10), {args}").format(args=args))
         want = _reference_probs(logits, temperature, top_k)
         if close(out, want, 1e-10):
             continue
         if not torch.allclose(out.sum(-1), torch.ones(3, dtype=out.dtype), atol=1e-8):
-            fail(name, f"{args}: rows do not sum to 1; return probabilities (softmax at the end)")
+            fail(name, _("{args}: rows do not sum to 1; return probabilities (softmax at the end)").format(args=args))
         if top_k is not None and close(out, _reference_probs(logits, temperature, None), 1e-10):
-            fail(name, f"{args}: top_k is ignored; every token outside the k likeliest must get probability 0")
+            fail(name, _("{args}: top_k is ignored; every token outside the k likeliest must get probability 0").format(args=args))
         if top_k is not None and temperature and bool(((out > 0).sum(-1) == top_k).all()) \
                 and bool(((want > 0).sum(-1) > top_k).any()):
-            fail(name, f"{args}: keeps exactly k tokens where several tie at the k-th largest logit; keep every "
-                       "token whose logit is >= the k-th largest (ties all stay), e.g. compare with topk's last value")
+            fail(name, _("{args}: keeps exactly k tokens where several tie at the k-th largest logit; keep "
+                         "every token whose logit is >= the k-th largest (ties all stay), e.g. compare with "
+                         "topk's last value").format(args=args))
         if temperature == 0 and close(out, _reference_probs(logits / 1e-3, 1.0, None), 1e-6):
-            fail(name, "temperature=0 with a tie for the top: the probability is split between the tied tokens "
-                       "(a tiny temperature does that); greedy decoding is one-hot on the first argmax")
+            fail(name, _("temperature=0 with a tie for the top: the probability is split between the tied "
+                         "tokens (a tiny temperature does that); greedy decoding is one-hot on the first argmax"))
         if temperature and close(out, _reference_probs(logits * temperature * temperature, temperature, top_k), 1e-10):
-            fail(name, f"{args}: multiplies by the temperature; divide the logits by it")
+            fail(name, _("{args}: multiplies by the temperature; divide the logits by it").format(args=args))
         if temperature == 0:
-            fail(name, "temperature=0 is greedy decoding: probability 1 on the argmax, 0 elsewhere")
-        fail(name, f"{args}: differs from the reference (max |error| {max_err(out, want):.2e})")
-    ok("sampling: temperature, top-k and greedy all give the right distribution")
+            fail(name, _("temperature=0 is greedy decoding: probability 1 on the argmax, 0 elsewhere"))
+        fail(name, _("{args}: differs from the reference (max |error| {max_err:.2e})").format(args=args, max_err=max_err(out, want)))
+    ok(_("sampling: temperature, top-k and greedy all give the right distribution"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -354,10 +362,11 @@ def check_perplexity(fn: Callable) -> None:
         if math.isclose(out, want, rel_tol=1e-9):
             continue
         if math.isclose(out, total / n, rel_tol=1e-9):
-            fail(name, f"({total:.4g}, {n}) gives the mean NLL; perplexity is its exponential")
+            fail(name, _("({total:.4g}, {n}) gives the mean NLL; perplexity is its exponential").format(total=total, n=n))
         if n > 1 and math.isclose(out, 2 ** (total / n), rel_tol=1e-9):
-            fail(name, f"({total:.4g}, {n}) uses base 2; the NLL is in nats (natural log), so perplexity = e^(mean NLL)")
+            fail(name, _("({total:.4g}, {n}) uses base 2; the NLL is in nats (natural log), so perplexity = "
+                         "e^(mean NLL)").format(total=total, n=n))
         if math.isclose(out, math.exp(total), rel_tol=1e-9):
-            fail(name, f"({total:.4g}, {n}): exponentiate the MEAN negative log-likelihood per token")
+            fail(name, _("({total:.4g}, {n}): exponentiate the MEAN negative log-likelihood per token").format(total=total, n=n))
         wrong_number(name, f"({total:.4g}, {n})", raw, out, want)
-    ok("perplexity: exp of the mean negative log-likelihood per token")
+    ok(_("perplexity: exp of the mean negative log-likelihood per token"))

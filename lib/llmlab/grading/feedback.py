@@ -10,13 +10,16 @@ import html
 import re
 from pathlib import Path
 
+from llmlab.i18n import ngettext
+
 
 def mark_pending(page: Path, pending: dict[str, float]) -> None:
     """Rewrite one feedback page: each answer in `pending` ({grade_id: points}) reads as pending."""
     text = page.read_text(encoding="utf-8")
     for gid, points in pending.items():
         g = re.escape(html.escape(gid, quote=True))
-        label = f"pending: graded by hand ({points:g} point{'s' if points != 1 else ''})"
+        label = ngettext("pending: graded by hand ({points:g} point)", "pending: graded by hand ({points:g} points)",
+                         1 if points == 1 else 2).format(points=points)
         text = re.sub(rf'(<a href="#{g}">[^<]*</a>) \(Score: [0-9.]+ / [0-9.]+\)', rf"\1 ({label})", text)
         text = re.sub(rf'(<a name="{g}"></a>.*?<span class="pull-right">\s*)Score: [0-9.]+ / [0-9.]+',
                       lambda m: m.group(1) + label[0].upper() + label[1:], text, count=1, flags=re.S)
@@ -24,8 +27,10 @@ def mark_pending(page: Path, pending: dict[str, float]) -> None:
 
     def split_total(m: re.Match) -> str:
         got, out_of = float(m.group(2)), float(m.group(3))
-        return (f"{m.group(1)}(Score: {got:g} / {out_of - total:g} autograded, "
-                f"{len(pending)} written answer{'s' if len(pending) != 1 else ''} ({total:g} points) to grade by hand)</h4>")
+        what = ngettext("Score: {got:g} / {autograded:g} autograded, {n} written answer ({total:g} points) to grade by hand",
+                        "Score: {got:g} / {autograded:g} autograded, {n} written answers ({total:g} points) to grade by hand",
+                        len(pending)).format(got=got, autograded=out_of - total, n=len(pending), total=total)
+        return f"{m.group(1)}({html.escape(what)})</h4>"
 
     text = re.sub(r"(<h4>[^<]*?)\(Score: ([0-9.]+) / ([0-9.]+)\)</h4>", split_total, text, count=1)
     page.write_text(text, encoding="utf-8")

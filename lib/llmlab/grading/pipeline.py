@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 
 from nbgrader.converters import Autograde
 
-from llmlab import course
+from llmlab import course, i18n
 from llmlab.grading import feedback, libview, sanitize, similarity
 from llmlab.grading.hidden import MarkTests
+from llmlab.i18n import _
 
 BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\*?\[\]]")  # control characters, paths and nbgrader's glob characters
 
@@ -86,7 +87,7 @@ def discover(lab: str, submissions: Path) -> tuple[dict[str, dict[str, Path]], d
         if entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
             continue  # .ipynb_checkpoints and the like
         if entry.is_symlink():
-            refused[entry.name] = "the student folder is a symbolic link; only real folders are graded"
+            refused[entry.name] = _("the student folder is a symbolic link; only real folders are graded")
             continue
         if not entry.is_dir(follow_symlinks=False):
             continue
@@ -111,26 +112,29 @@ def read_submitted(path: Path, submissions: Path, max_bytes: int) -> bytes:
                 nxt = os.open(part, flags, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) or os.path.islink(os.path.join(submissions, *parts[: i + 1])):
-                    raise Refused(f"{parts[-1]} is a symbolic link (or sits under one); only regular files are graded") from None
+                    raise Refused(_("{file} is a symbolic link (or sits under one); only regular files are graded")
+                                  .format(file=parts[-1])) from None
                 if e.errno == errno.ENOENT:
                     raise FileNotFoundError(path) from None
-                raise Refused(f"{parts[-1]} could not be opened ({e.strerror})") from None
+                raise Refused(_("{file} could not be opened ({reason})").format(file=parts[-1], reason=e.strerror)) from None
             os.close(fd)
             fd = nxt
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
-            raise Refused(f"{parts[-1]} is {kind}; only regular files are graded")
+            kind = _("a FIFO") if stat.S_ISFIFO(st.st_mode) else _("a device") if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else _("not a regular file")
+            raise Refused(_("{file} is {kind}; only regular files are graded").format(file=parts[-1], kind=kind))
         if st.st_nlink > 1 and _links_inside(submissions, st) < st.st_nlink:
-            raise Refused(f"{parts[-1]} is a hard link to a file outside the submissions folder; only the student's own files are graded")
+            raise Refused(_("{file} is a hard link to a file outside the submissions folder; only the student's own "
+                            "files are graded").format(file=parts[-1]))
         if st.st_size > max_bytes:
-            raise Refused(f"{parts[-1]} is {st.st_size / 2**20:.1f} MiB, over the {max_bytes >> 20} MiB limit")
+            raise Refused(_("{file} is {size:.1f} MiB, over the {limit} MiB limit")
+                          .format(file=parts[-1], size=st.st_size / 2**20, limit=max_bytes >> 20))
         chunks, size = [], 0
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
             size += len(chunk)
             if size > max_bytes:
-                raise Refused(f"{parts[-1]} grew past the {max_bytes >> 20} MiB limit while being read")
+                raise Refused(_("{file} grew past the {limit} MiB limit while being read").format(file=parts[-1], limit=max_bytes >> 20))
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -156,9 +160,9 @@ def _submitted(files: dict[str, Path], submissions: Path, max_bytes: int) -> dic
         try:
             out[name] = read_submitted(path, submissions, max_bytes)
         except FileNotFoundError:
-            out[name] = f"{name} was not submitted; graded as empty"
+            out[name] = _("{file} was not submitted; graded as empty").format(file=name)
         except Refused as e:
-            out[name] = f"{e}; graded as empty"
+            out[name] = _("{why}; graded as empty").format(why=e)
     return out
 
 
@@ -167,7 +171,7 @@ def _key(contents: dict[str, bytes | str], lab: str) -> str:
     for name, data in sorted(contents.items()):
         h.update(name.encode())
         h.update(data if isinstance(data, bytes) else b"<not graded>" + data.encode())
-    for nb in course.notebooks(lab, "labs") + course.notebooks(lab, "solutions"):
+    for nb in course.notebooks(lab, "labs") + course.notebooks(lab, "solutions") + _translated_templates(lab):
         h.update(nb.read_bytes())
     h.update((course.root() / "grading" / "policy.toml").read_bytes())
     return h.hexdigest()
@@ -202,7 +206,12 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
     root, work = course.root(), course.work_dir()
     policy = sanitize.policy(root, nbformat.read(course.notebooks(lab)[0], as_version=4))
     contents = _submitted(files, Path(submissions), policy["submission_mb"] << 20)
-    result = Result(student, key=_key(contents, lab), started=time.time())
+    key = _key(contents, lab)
+    lang = submission_language(contents)
+    os.environ["LLMLAB_LANG"] = lang  # this process, its trusted kernel and the sandbox speak the submission's language
+    if any(isinstance(data, str) for data in contents.values()):  # why a file is not graded, in that language
+        contents = _submitted(files, Path(submissions), policy["submission_mb"] << 20)
+    result = Result(student, key=key, started=time.time())
     api = course.nbgrader_api()
     sanitizers = list(api.config.Autograde.get("sanitize_preprocessors", Autograde.class_traits()["sanitize_preprocessors"].default()))
     at = next(i for i, p in enumerate(sanitizers) if getattr(p, "__name__", str(p)).endswith("OverwriteCells"))
@@ -216,14 +225,15 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
     settings: dict = {}
     for template_path in course.notebooks(lab, "labs"):
         name = template_path.name
-        template = nbformat.read(template_path, as_version=4)
+        translated = course.root() / "labs" / lang / lab / name
+        template = nbformat.read(translated if lang != i18n.ENGLISH and translated.is_file() else template_path, as_version=4)
         source_nb = nbformat.read(root / "solutions" / lab / name, as_version=4)
         hidden |= {sanitize.nbgrader_meta(c)["grade_id"] for c in source_nb.cells
                    if sanitize.is_test(c) and "BEGIN HIDDEN TESTS" in c.source}
         settings = sanitize.policy(root, source_nb)
         if not settings["threads"]:
             settings["threads"] = max(1, (os.cpu_count() or 1) // max(1, workers))
-        data = contents.get(name, f"{name} was not submitted; graded as empty")
+        data = contents.get(name, _("{file} was not submitted; graded as empty").format(file=name))
         student_answers, notes = sanitize.answers(data, template) if isinstance(data, bytes) else ({}, [data])
         result.notes += notes
         parameters = {"QUICK": True, "DEVICE": settings["device"], "SEED": settings["seed"]}
@@ -231,7 +241,7 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
         view = libview.build(template.metadata.get("llmlab", {}).get("forbidden", []), lab.split("-", 1)[-1],
                              work / "grading" / "libviews")
         spec, trusted = sanitize.build(template, student_answers, settings, spec_path, parameters, str(view))
-        result.notes += [f"refused: {why}" for why in spec["violations"].values()]
+        result.notes += [_("refused: {why}").format(why=why) for why in spec["violations"].values()]
         _write_atomic(spec_path, json.dumps(spec))
         nbformat.write(trusted, submitted / name)
         specs[name] = spec
@@ -249,11 +259,12 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
     feedback_api = course.nbgrader_api(reveal_hidden_tests=settings["reveal_hidden_tests"])
     outcome = feedback_api.generate_feedback(lab, student, force=True)
     if not outcome["success"]:
-        result.notes.append("feedback could not be generated: " + _last_line(outcome.get("error") or ""))
+        result.notes.append(_("feedback could not be generated: {why}").format(why=_last_line(outcome.get("error") or "")))
     pending = _read_grades(lab, student, result)
     if result.manual_pending:
-        result.notes.append(f"{result.score:g}/{result.max_score:g} autograded, {len(result.manual_pending)} "
-                            f"written answer(s) to grade by hand: {', '.join(result.manual_pending)}")
+        result.notes.append(_("{score:g}/{max_score:g} autograded, {n} written answer(s) to grade by hand: {answers}")
+                            .format(score=result.score, max_score=result.max_score, n=len(result.manual_pending),
+                                    answers=", ".join(result.manual_pending)))
     for notebook, answers in pending.items():
         page = work / "feedback" / student / lab / f"{notebook}.html"
         if page.is_file():
@@ -267,13 +278,33 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def submission_language(contents: dict[str, bytes | str]) -> str:
+    """The language a submission is graded in: its notebooks' metadata.language (English when none names another)."""
+    for data in contents.values():
+        try:
+            meta = json.loads(data).get("metadata", {}) if isinstance(data, bytes) else {}
+            lang = i18n.known(str(meta.get("language", ""))) if isinstance(meta, dict) else None
+        except (ValueError, AttributeError):
+            lang = None
+        if lang:
+            return lang
+    return i18n.ENGLISH
+
+
+def _translated_templates(lab: str) -> list[Path]:
+    """The released templates of `lab` in every other language (labs/<lang>/LAB/*.ipynb)."""
+    return [p for lang in i18n.LANGUAGES[1:] for p in sorted((course.root() / "labs" / lang / lab).glob("*.ipynb"))]
+
+
 def _sandbox_notes(nb) -> list[str]:
     """Collect the limit/crash lines the sandbox stand-ins printed (e.g. 'cell 7: out of memory')."""
+    cell, box = re.escape(_("cell {n}")).replace(re.escape("{n}"), r"\d+"), re.escape(_("sandbox"))
+    note = re.compile(rf"^(cell \d+|sandbox|{cell}|{box}): ")
     notes = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
-                notes += [line for line in out.get("text", "").splitlines() if re.match(r"^(cell \d+|sandbox): ", line)]
+                notes += [line for line in out.get("text", "").splitlines() if note.match(line)]
             if out.get("output_type") == "error" and out.get("ename") in ("SandboxError",):
                 notes.append(out.get("evalue", ""))
     return notes
@@ -414,7 +445,7 @@ def summary(lab: str, results: list[Result]) -> str:
         detail = f"ERROR: {r.error}" if r.error else (", ".join(r.failing) or "-")
         if r.manual_pending and not r.error:
             detail += f"  [to grade by hand: {', '.join(r.manual_pending)}]"
-        notes = [n for n in r.notes if "to grade by hand" not in n]
+        notes = [n for n in r.notes if not (r.manual_pending and n.endswith(", ".join(r.manual_pending)))]
         if notes and not r.error:
             detail += f"  ({notes[0]}{' …' if len(notes) > 1 else ''})"
         lines.append(f"{r.student:<{width}}  {r.score:>6g}  {r.max_score:>5g}  {detail[:100]}")

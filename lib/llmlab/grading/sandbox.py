@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.grading import hidden, protocol
+from llmlab.i18n import _, language
 
 SANDBOX_UID_BASE = 61000  # unprivileged uids for student code when the grader runs as root
 MAX_MESSAGE = 4000  # characters of a student's exception message that reach the grader
@@ -81,30 +82,30 @@ def _readable_roots() -> list[str]:
 
 def _describe_exit(rc: int | None, limits: dict) -> str:
     if rc is None:
-        return "the process stopped answering"
+        return _("the process stopped answering")
     if rc > 128 or rc < 0:
         sig = rc - 128 if rc > 128 else -rc
         if sig == signal.SIGXCPU:
-            return f"CPU time limit ({limits['cpu_s']} s) exceeded"
+            return _("CPU time limit ({seconds} s) exceeded").format(seconds=limits["cpu_s"])
         if sig == signal.SIGKILL:
-            return "the process was killed (likely out of memory or a resource limit)"
+            return _("the process was killed (likely out of memory or a resource limit)")
         if sig == signal.SIGXFSZ:
-            return f"file size limit ({limits['fsize_mb']} MiB) exceeded"
+            return _("file size limit ({mib} MiB) exceeded").format(mib=limits["fsize_mb"])
         try:
-            return f"the process died from signal {signal.Signals(sig).name}"
+            return _("the process died from signal {signal}").format(signal=signal.Signals(sig).name)
         except ValueError:
-            return f"the process died (status {rc})"
-    return f"the process exited early (exit code {rc}); do not call sys.exit/os._exit in submitted code"
+            return _("the process died (status {rc})").format(rc=rc)
+    return _("the process exited early (exit code {rc}); do not call sys.exit/os._exit in submitted code").format(rc=rc)
 
 
 def explain_error(text: str, limits: dict) -> str:
     """Turn a raw error line from the student's process into what a student should read."""
     if "MemoryError" in text or "can't allocate memory" in text or "out of memory" in text.lower():
-        return f"out of memory (limit {limits['memory_mb'] / 1024:g} GiB)"
+        return _("out of memory (limit {gib:g} GiB)").format(gib=limits["memory_mb"] / 1024)
     if "No space left on device" in text:
-        return f"scratch space limit ({limits.get('tmp_mb', '?')} MiB of /tmp) exceeded"
+        return _("scratch space limit ({mib} MiB of /tmp) exceeded").format(mib=limits.get("tmp_mb", "?"))
     if "File too large" in text:
-        return f"file size limit ({limits['fsize_mb']} MiB) exceeded"
+        return _("file size limit ({mib} MiB) exceeded").format(mib=limits["fsize_mb"])
     return text
 
 
@@ -158,7 +159,8 @@ class _Process:
 
         env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": scratch,
                "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "TMPDIR": scratch, "PWD": scratch,
-               "OMP_NUM_THREADS": str(lim["threads"]), "LLMLAB_HOME": str(assets.home().resolve())}
+               "OMP_NUM_THREADS": str(lim["threads"]), "LLMLAB_HOME": str(assets.home().resolve()),
+               "LLMLAB_LANG": language()}  # the student's checks speak the language of the submission
         # RLIMIT_NPROC counts every task of the real uid: a throwaway uid (root) starts at zero,
         # an ordinary user's sandbox gets the limit on top of what that user already runs.
         nproc = lim["nproc"] + (0 if drop else _tasks_of(os.getuid()))
@@ -308,7 +310,7 @@ class Sandbox:
             sandbox.start()
         except SandboxError as e:  # every call will fail with this reason; the grader carries on
             sandbox.fatal = str(e)
-            print(f"sandbox: {e}", file=sys.stderr)
+            print(_("sandbox") + f": {e}", file=sys.stderr)
         return sandbox
 
     def _label(self, cell_id: str) -> str:
@@ -319,7 +321,7 @@ class Sandbox:
         lim = self.limits
         while True:
             if self.restarts > lim["max_restarts"]:
-                raise SandboxError(f"the submission crashed its sandbox {self.restarts} times; giving up")
+                raise SandboxError(_("the submission crashed its sandbox {n} times; giving up").format(n=self.restarts))
             cells = [c for c in self.spec["cells"] if c["id"] not in self.failures]
             self.proc = _Process(lim, self.uid, self.spec.get("libview"))
             current = None
@@ -330,7 +332,7 @@ class Sandbox:
                                 "output_bytes": lim["output_bytes"], "threads": lim["threads"]}, deadline=end_all)
                 while True:
                     deadline = min(end_all, time.monotonic() + lim["cell_s"]) if current else end_all
-                    msg, _ = self.proc.recv(deadline)
+                    msg, _value = self.proc.recv(deadline)
                     if msg.get("event") == "cell-start":
                         current = msg["id"]
                     elif msg.get("event") == "cell-done":
@@ -345,10 +347,10 @@ class Sandbox:
                 over_all = time.monotonic() >= end_all
                 self.cell_seconds += time.monotonic() - began
                 self.proc.kill()
-                why = (f"whole-notebook time limit ({lim['total_s']} s) exceeded" if over_all
-                       else f"time limit ({lim['cell_s']} s) exceeded")
+                why = (_("whole-notebook time limit ({seconds} s) exceeded").format(seconds=lim["total_s"]) if over_all
+                       else _("time limit ({seconds} s) exceeded").format(seconds=lim["cell_s"]))
                 if current is None:
-                    raise SandboxError(f"the sandbox did not start: {why}") from None
+                    raise SandboxError(_("the sandbox did not start: {why}").format(why=why)) from None
                 self.failures[current] = why
                 if over_all:  # no time left for the rest: blame every cell not yet run
                     for c in cells:
@@ -362,7 +364,7 @@ class Sandbox:
                 why = explain_error(str(e), lim) if isinstance(e, protocol.ProtocolError) else _describe_exit(rc, lim)
                 if current is None:
                     tail = bytes(self.proc.stray[-600:]).decode(errors="replace").strip()
-                    raise SandboxError(f"the sandbox did not start: {why}: {tail}") from None
+                    raise SandboxError(_("the sandbox did not start: {why}").format(why=why) + f": {tail}") from None
                 self.failures[current] = why
             self.restarts += 1
 
@@ -387,7 +389,7 @@ class Sandbox:
         except TimeoutError:
             self.proc.kill()
             self.proc = None
-            self.broken[name] = f"{name}: no answer within the time limit ({lim['call_s']} s)"
+            self.broken[name] = _("{name}: no answer within the time limit ({seconds} s)").format(name=name, seconds=lim["call_s"])
             raise SandboxError(self.broken[name]) from None
         except (EOFError, OSError, protocol.ProtocolError) as e:
             rc = self.proc.exit_code()
@@ -399,13 +401,14 @@ class Sandbox:
         self._show(str(header.get("output") or ""))
         if header.get("ok"):
             if not (isinstance(value, tuple) and len(value) == 2):
-                raise SandboxError(f"{name}: malformed reply from the sandbox")
+                raise SandboxError(_("{name}: malformed reply from the sandbox").format(name=name))
             result, changed = value
             _write_back((args, kwargs), changed)
             return result
         kind, message = str(header.get("type", "")), str(header.get("error", ""))[:MAX_MESSAGE]
         if self.quiet:  # a hidden test: the student's own words could carry the hidden inputs out
-            raise _rebuild(kind, f"{kind or 'an error'} raised by your function (messages are not shown for hidden tests)")
+            raise _rebuild(kind, _("{kind} raised by your function (messages are not shown for hidden tests)")
+                           .format(kind=kind or _("an error")))
         message = "" if message == kind else message
         explained = explain_error(f"{kind}: {message}", lim)
         raise _rebuild(kind, message if explained.startswith(kind) else explained)

@@ -26,6 +26,7 @@ from nbformat import NotebookNode
 
 from llmlab.grading import subset
 from llmlab.grading.hidden import unmark
+from llmlab.i18n import _
 
 
 
@@ -135,7 +136,7 @@ def build(template: NotebookNode, student: dict[str, str], settings: dict, spec_
     trusted = copy.deepcopy(template)
     for index, cell in enumerate(trusted.cells):
         meta = nbgrader_meta(cell)
-        label = f"cell {index + 1}"
+        label = _("cell {n}").format(n=index + 1)
         if cell.cell_type == "markdown":
             answer = student.get(meta.get("grade_id"), cell.source) if is_solution(cell) else cell.source
             if is_solution(cell) and answer != cell.source:  # unchanged stubs stay as they are (nbgrader scores them 0)
