@@ -274,16 +274,18 @@ def test_a_full_queue_answers_429(slow_server):
     for r in responses:
         if r.status_code == 429:
             assert_error(r, 429, "queue_full")
-            assert r.headers["retry-after"] == "1"
+            assert 1 <= int(r.headers["retry-after"]) <= 60  # seconds until a slot is likely free
     assert metrics(url)["rejected"] - before["rejected"] == codes.count(429)
 
 
-def test_a_request_past_its_deadline_is_408(slow_server):
+def test_a_request_past_its_deadline_is_504_not_to_be_retried(slow_server):
     url = slow_server.url
     before = metrics(url)["timed_out"]
     body = {"model": MODEL, "prompt": "KING.", "max_tokens": 45, "temperature": 0}
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)  # 45 steps x 40 ms > 1 s
-    assert_error(r, 408, "deadline_exceeded")
+    error = assert_error(r, 504, "deadline_exceeded")
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+    assert "waited" in error["message"] and "for a batch slot (not counted)" in error["message"]
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         events = list(serve.iter_sse(r.iter_lines()))
     assert events[-1]["error"]["code"] == "deadline_exceeded" and len(events) > 1

@@ -194,7 +194,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model behind an OpenAI-compatible HTTP API until interrupted."""
     from llmlab import serve
 
-    serve.run(serve.ServerConfig(model_name=args.model, api_key=args.api_key), host=args.host, port=args.port)
+    limits = serve.machine_defaults()  # threads, max_batch, max_queue (4 x batch), max_tokens, timeout_s
+    if args.max_batch is not None:
+        limits.update(max_batch=args.max_batch, max_queue=4 * args.max_batch)
+    given = {"threads": args.threads, "max_queue": args.max_queue, "max_tokens": args.max_tokens,
+             "timeout_s": args.timeout}
+    limits.update({k: v for k, v in given.items() if v is not None})
+    threads = limits.pop("threads")
+    config = serve.ServerConfig(model_name=args.model, api_key=args.api_key, **limits)
+    serve.run(config, host=args.host, port=args.port, threads=threads)
     return 0
 
 
@@ -294,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("LLMLAB_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $LLMLAB_API_KEY, else no key)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the free cores at start)")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together (default: 8 on CPU, 32 on a GPU)")
+    p.add_argument("--max-queue", type=int, help="requests waiting beyond the batch before 429 (default: 4 x batch)")
+    p.add_argument("--max-tokens", type=int, help="cap on a request's max_tokens (default: 512)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="generation deadline of a request, from when it gets a batch slot; queue time not counted "
+                        "(default: 300 on CPU, 120 on a GPU)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("course", help="the main job: assets, release, run every lab (QUICK), grade samples")

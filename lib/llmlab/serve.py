@@ -1,42 +1,50 @@
 """An OpenAI-compatible HTTP server for a causal LM, with continuous batching.
 
-Read top-down: configuration -> a request's life as a `Job` (its events flow back to the
-HTTP handler) -> the `Scheduler`, a thread that runs one decode step at a time over the
-running batch and admits waiting jobs between steps (continuous batching) -> the HTTP API
-(FastAPI: `/v1/models`, `/v1/completions`, `/v1/chat/completions` with server-sent-event
-streaming, `/health`, `/metrics`; every error in OpenAI's shape) -> running it (uvicorn in
-the foreground, or in a background thread for notebooks and tests) -> `iter_sse`, the
-client side of streaming.
+Read top-down: configuration -> the HTTP API (FastAPI: `/v1/models`, `/v1/models/{id}`,
+`/v1/completions`, `/v1/chat/completions` with server-sent-event streaming, `/health`,
+`/metrics`; every error in OpenAI's shape) -> streaming and collecting a request's events ->
+running it (uvicorn in the foreground, or in a background thread for notebooks and tests) ->
+`iter_sse`, the client side of streaming. The protocol (schemas, which fields are accepted,
+response objects) is `llmlab.openai_api`; the engine (continuous batching with chunked
+prefill) is `llmlab.scheduler`.
 
-Limits, each with its status code: 400 for bad JSON or schema, a prompt longer than the
-context, `max_tokens` < 1 or above the cap; 401 for a wrong API key (when one is set); 404
-for an unknown model; 408 when a request outlives its deadline; 429 when the queue is full.
-A client that disconnects mid-stream cancels its generation. Binds 127.0.0.1 by default.
+Limits, each with its status code: 400 for bad JSON or schema, a field this server does not
+implement, a prompt longer than the context, `max_tokens` < 1 or above the cap; 401 for a
+wrong API key (when one is set); 404 for an unknown model; 413 for a body over
+`max_body_bytes`; 429 with Retry-After when the running batch and the queue are full (the
+official client waits that long and retries: nothing was started); 504 with
+`x-should-retry: false` when a request outlives its generation deadline (the wait in the queue
+not counted; a retry would redo the whole job, so the client is told not to). A client that
+disconnects mid-stream cancels its generation. Binds 127.0.0.1 by default. Tokenising runs in a
+worker thread, so a big prompt never blocks the event loop (`/health`, the other streams).
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import json
+import os
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterable, Iterator, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmlab.generate import Decoder, KVCache, SamplingParams, TextStream, sample
+from llmlab.generate import SamplingParams
+from llmlab.openai_api import (ERRORS, APIError, ChatCompletionRequest, CompletionRequest, Reply, check_fields,
+                               validation_error)
+from llmlab.scheduler import Job, Scheduler
 
 if TYPE_CHECKING:
     import transformers
+
+__all__ = ["APIError", "BackgroundServer", "ServerConfig", "create_app", "iter_sse", "load", "machine_defaults", "run"]
 
 # ----------------------------------------------------------------------------------------
 # Configuration
@@ -47,14 +55,16 @@ class ServerConfig:
     """What the server serves and its limits."""
 
     model_name: str = "smollm2-135m-instruct"  # the id clients send as "model" (an asset name)
-    max_batch: int = 8  # sequences decoded together in one step
-    max_queue: int = 32  # requests waiting for a batch slot; one more gets 429
+    max_batch: int = 8  # sequences decoded together in one step (prefilling ones included)
+    max_queue: int = 32  # requests waiting for a batch slot, beyond the batch; one more gets 429
     max_tokens: int = 512  # cap on a request's max_tokens
-    timeout_s: float = 60.0  # deadline of a request, from arrival to its last token
+    timeout_s: float = 300.0  # generation deadline of a request, from the moment it gets a batch slot
     api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer <key>"
+    prefill_chunk: int = 256  # most prompt tokens prefilled at once (less while others decode)
+    max_body_bytes: int = 1 << 20  # a larger request body gets 413
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_tokens"):
+        for name in ("max_batch", "max_queue", "max_tokens", "prefill_chunk", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerConfig.{name} must be a positive int, got {value!r}")
@@ -64,378 +74,12 @@ class ServerConfig:
             raise ValueError("ServerConfig.api_key must be None or a non-empty string")
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        """The JSON body of the error response."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class QueueFull(APIError):
-    """The waiting queue is at its limit: 429, try again later."""
-
-    def __init__(self, limit: int):
-        super().__init__(429, f"The server is busy ({limit} requests already waiting); retry shortly.",
-                         "rate_limit_error", None, "queue_full")
-
-
 # ----------------------------------------------------------------------------------------
-# A request's life: a Job, its events read by the HTTP handler
-
-
-@dataclass
-class Job:
-    """One generation request inside the server; the scheduler thread fills `events`."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: tuple[str, ...]
-    eos: tuple[int, ...]
-    deadline: float  # time.monotonic() after which the job is abandoned
-    loop: asyncio.AbstractEventLoop  # the HTTP server's loop, where `events` lives
-    seed: int | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # set by the handler when the client goes away
-    completion_tokens: int = 0
-
-    def emit(self, kind: str, payload: Any) -> None:
-        """Send ("text", str) | ("done", finish_reason) | ("error", APIError) to the handler (thread-safe)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-
-    def cancel(self) -> None:
-        """Ask the scheduler to stop this job (a no-op once it is done)."""
-        self.cancelled = True
-
-
-class Metrics:
-    """Counters of the server, read by /metrics; updated under a lock from both threads."""
-
-    WINDOW_S = 10.0  # tokens/s is measured over the last WINDOW_S seconds
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.started = time.monotonic()
-        self.counts = collections.Counter()
-        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
-
-    def add(self, name: str, n: int = 1) -> None:
-        """counts[name] += n."""
-        with self.lock:
-            self.counts[name] += n
-
-    def tokens(self, n: int) -> None:
-        """Record n generated tokens now."""
-        now = time.monotonic()
-        with self.lock:
-            self.counts["completion_tokens"] += n
-            self.recent.append((now, n))
-
-    def snapshot(self, queue_depth: int, running: int) -> dict:
-        """The counters, the queue depth, the running batch size and recent tokens/s."""
-        now = time.monotonic()
-        with self.lock:
-            while self.recent and self.recent[0][0] < now - self.WINDOW_S:
-                self.recent.popleft()
-            window = min(self.WINDOW_S, now - self.started)
-            rate = sum(n for _, n in self.recent) / window if window > 0 else 0.0
-            counts = dict(self.counts)
-        names = ("requests", "completed", "cancelled", "timed_out", "rejected", "prompt_tokens", "completion_tokens",
-                 "decode_steps")
-        return {**{n: counts.get(n, 0) for n in names}, "queue_depth": queue_depth, "running": running,
-                "tokens_per_second": round(rate, 2), "uptime_s": round(now - self.started, 1)}
-
-
-# ----------------------------------------------------------------------------------------
-# The scheduler: continuous batching
-
-
-@dataclass
-class _Row:
-    """A running job: one row of the batch and its decoding state."""
-
-    job: Job
-    text: TextStream
-    generator: torch.Generator | None
-    context: torch.Tensor  # (L,) prompt + generated ids, for the repetition penalty
-    last: int = 0  # the id to feed at the next step
-
-
-class Scheduler:
-    """Runs generation in one thread: a decode step over the running batch, then admits waiting jobs.
-
-    Continuous batching: a new job does not wait for the batch to finish. Between two steps
-    it is prefilled alone, its KV cache left-padded and stacked onto the batch's
-    (`KVCache.cat`), and from the next step on it decodes with the others; a finished or
-    cancelled job leaves the batch (`KVCache.select`) at once. Each step reads the weights
-    once for the whole batch, which is why throughput grows with the batch.
-    """
-
-    def __init__(self, model: Any, tokenizer: "transformers.PreTrainedTokenizerBase", config: ServerConfig):
-        self.decoder = Decoder(model)
-        self.tokenizer = tokenizer
-        self.config = config
-        self.metrics = Metrics()
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[_Row] = []
-        self.cache: KVCache | None = None
-        self.wake = threading.Condition()
-        self.thread: threading.Thread | None = None
-        self.stopping = False
-
-    # -- the HTTP side --------------------------------------------------------------------
-
-    def submit(self, job: Job) -> None:
-        """Queue a job; raise QueueFull when max_queue jobs are already waiting."""
-        with self.wake:
-            if len(self.waiting) >= self.config.max_queue:
-                self.metrics.add("rejected")
-                raise QueueFull(self.config.max_queue)
-            self.waiting.append(job)
-            self.metrics.add("requests")
-            self.metrics.add("prompt_tokens", len(job.prompt_ids))
-            self.wake.notify()
-
-    def stats(self) -> dict:
-        """The metrics with the current queue depth and batch size."""
-        return self.metrics.snapshot(len(self.waiting), len(self.running))
-
-    def start(self) -> None:
-        """Start the generation thread."""
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="llmlab-scheduler", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current step; waiting and running jobs get an error."""
-        with self.wake:
-            self.stopping = True
-            self.wake.notify()
-        if self.thread is not None:
-            self.thread.join()
-        shutdown = APIError(503, "The server is shutting down.", "server_error", None, "shutdown")
-        for job in self.waiting:
-            job.emit("error", shutdown)
-        self.waiting.clear()
-        self._fail_all(shutdown)
-
-    # -- the generation thread ----------------------------------------------------------------
-
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self.wake:
-                    while not self.stopping and not self.waiting and not self.running:
-                        self.wake.wait()
-                    if self.stopping:
-                        return
-                try:
-                    self._admit()
-                    if self.running:
-                        self._step()
-                except Exception as e:  # noqa: BLE001 — fail the batch, keep serving
-                    self._fail_all(APIError(500, f"Generation failed: {type(e).__name__}: {e}", "server_error"))
-
-    def _fail_all(self, error: APIError) -> None:
-        """End every running job with `error` and start from an empty batch."""
-        for row in self.running:
-            row.job.emit("error", error)
-        self.running, self.cache = [], None
-
-    def _admit(self) -> None:
-        """Prefill waiting jobs into free batch slots."""
-        while len(self.running) < self.config.max_batch:
-            with self.wake:
-                if not self.waiting:
-                    return
-                job = self.waiting.popleft()
-            if self._abandoned(job):
-                continue
-            try:
-                self._prefill(job)
-            except Exception as e:  # noqa: BLE001 — this job fails, the batch goes on
-                job.emit("error", APIError(500, f"Generation failed: {type(e).__name__}: {e}", "server_error"))
-
-    def _prefill(self, job: Job) -> None:
-        """Run the job's prompt alone, draw its first token, and stack its cache onto the batch's."""
-        cache = KVCache()
-        ids = torch.tensor([job.prompt_ids], device=self.decoder.device)
-        logits = self.decoder.forward(ids, cache)[0, -1]  # (V,)
-        generator = None if job.seed is None else torch.Generator().manual_seed(job.seed & (2**64 - 1))
-        row = _Row(job, TextStream(self.tokenizer, job.stop), generator, ids[0])
-        if self._advance(row, logits):
-            return  # finished with its first token
-        self.cache = cache if not self.running else KVCache.cat([self.cache, cache])
-        self.running.append(row)
-
-    def _step(self) -> None:
-        """One decode step for the whole batch; finished and abandoned jobs leave it."""
-        keep = [i for i, row in enumerate(self.running) if not self._abandoned(row.job)]
-        self._keep(keep)
-        if not self.running:
-            return
-        last = torch.tensor([[row.last] for row in self.running], device=self.decoder.device)  # (B, 1)
-        logits = self.decoder.forward(last, self.cache)[:, -1]  # (B, V)
-        self.metrics.add("decode_steps")
-        keep = [i for i, row in enumerate(self.running) if not self._advance(row, logits[i])]
-        self._keep(keep)
-
-    def _keep(self, rows: list[int]) -> None:
-        if len(rows) == len(self.running):
-            return
-        self.running = [self.running[i] for i in rows]
-        if self.running:
-            self.cache.select(rows)
-        else:
-            self.cache = None
-
-    def _abandoned(self, job: Job) -> bool:
-        """True (and counted, and told) when a job was cancelled or is past its deadline."""
-        if job.cancelled:
-            self.metrics.add("cancelled")
-            return True
-        if time.monotonic() > job.deadline:
-            self.metrics.add("timed_out")
-            job.emit("error", APIError(408, f"The request did not finish within {self.config.timeout_s:g} s "
-                                            f"({job.completion_tokens} tokens generated).",
-                                       "timeout_error", None, "deadline_exceeded"))
-            return True
-        return False
-
-    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Draw the row's next token from logits (V,) and send its text; True when the job is done."""
-        job = row.job
-        token = int(sample(logits[None], job.sampling, row.generator, row.context[None],
-                           job.completion_tokens, job.eos)[0])
-        job.completion_tokens += 1
-        self.metrics.tokens(1)
-        row.context = torch.cat([row.context, torch.tensor([token], device=row.context.device)])
-        row.last = token
-        finish = None
-        if token in job.eos:
-            finish = "stop"
-        else:
-            if delta := row.text.push(token):
-                job.emit("text", delta)
-            if row.text.stopped:
-                finish = "stop"
-            elif job.completion_tokens >= job.max_tokens:
-                finish = "length"
-        if finish is None:
-            return False
-        if tail := row.text.finish():
-            job.emit("text", tail)
-        job.emit("done", finish)
-        self.metrics.add("completed")
-        return True
-
-
-# ----------------------------------------------------------------------------------------
-# The HTTP API: schemas
-
-
-class _GenerationFields(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI's names; top_k and the penalties as in vLLM)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(description="the model id, as listed by /v1/models")
-    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (capped by the server)")
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
-    length_penalty: float = Field(0.0, ge=-10, le=10, allow_inf_nan=False)
-    stop: Annotated[str, Field(min_length=1)] | Annotated[
-        list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
-    stream: bool = False
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
-    user: str | None = None
-
-
-class CompletionRequest(_GenerationFields):
-    """POST /v1/completions: continue a text."""
-
-    prompt: str
-
-
-class ChatMessage(BaseModel):
-    """One turn of a conversation."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(_GenerationFields):
-    """POST /v1/chat/completions: the assistant's next turn, the conversation formatted by the chat template."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class ErrorDetail(BaseModel):
-    """OpenAI's error object."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """The body of every error response."""
-
-    error: ErrorDetail
-
-
-ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
-    (400, "bad JSON or schema, prompt beyond the context, bad max_tokens"), (401, "missing or wrong API key"),
-    (404, "unknown model"), (408, "deadline exceeded"), (429, "queue full"))}
-
-
-# ----------------------------------------------------------------------------------------
-# The HTTP API: the app
+# The HTTP API
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if error.status == 429 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 details -> one OpenAI-style 400 naming the first bad field."""
-    errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
-    if errors[0]["type"] == "json_invalid":
-        return APIError(400, "We could not parse the JSON body of your request: expected a JSON object.",
-                        code="invalid_json")
-    param = _param(errors[0].get("loc", ()))
-    # A union (e.g. stop: str | list[str]) reports one error per alternative; a type
-    # mismatch is the least informative of them.
-    same = [e for e in errors if _param(e.get("loc", ())) == param]
-    first = next((e for e in same if not e["type"].endswith("_type")), same[0])
-    if first["type"] == "missing" and param:
-        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    if not param:
-        return APIError(400, f"The request body must be a JSON object ({first['msg']}).", code="invalid_body")
-    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
-
-
-def _param(loc: tuple) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages.0.role'; stops at pydantic's union labels ('constrained-str')."""
-    parts = []
-    for part in loc[1:] if loc[:1] == ("body",) else loc:
-        if not (isinstance(part, int) or part.isidentifier()):
-            break
-        parts.append(str(part))
-    return ".".join(parts) or None
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
 
 
 class _RequireKey:
@@ -456,18 +100,59 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
-class _EventStream(StreamingResponse):
-    """A server-sent-event response that cancels its job however the response ends (disconnects included)."""
+class _LimitBody:
+    """ASGI middleware: a body over `limit` bytes gets 413 before it is parsed (Content-Length or counted)."""
 
-    def __init__(self, job: Job, content: AsyncIterator[str]):
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes.",
+                             code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _error_response(too_large)(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await _error_response(too_large)(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnects
+
+        await self.app(scope, replay, send)
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent-event response that cancels its jobs however the response ends (disconnects included)."""
+
+    def __init__(self, jobs: list[Job], content: AsyncIterator[str]):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.job = job
+        self.jobs = jobs
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()  # a no-op when the job has finished
+            for job in self.jobs:
+                job.cancel()  # a no-op when the job has finished
 
 
 def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
@@ -476,6 +161,7 @@ def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
     config = config or ServerConfig()
     scheduler = Scheduler(model, tokenizer, config)
     context = scheduler.decoder.max_length
+    vocab = scheduler.decoder.vocab_size
     stop_ids = _stop_token_ids(model, tokenizer)
 
     @asynccontextmanager
@@ -489,8 +175,9 @@ def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
     app = FastAPI(title="llmlab OpenAI-compatible server", version="1.0", lifespan=lifespan)
     created = int(time.time())
     app.state.scheduler = scheduler
+    app.add_middleware(_LimitBody, limit=config.max_body_bytes)
     if config.api_key:
-        app.add_middleware(_RequireKey, api_key=config.api_key)
+        app.add_middleware(_RequireKey, api_key=config.api_key)  # added last: runs first
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -498,7 +185,7 @@ def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(exc))
+        return _error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -507,6 +194,14 @@ def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(APIError(500, f"Internal error: {type(exc).__name__}", "server_error"))
+
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "llmlab",
+                "max_model_len": context}
+
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"The model '{name}' does not exist; this server serves '{config.model_name}'.",
+                        param="model", code="model_not_found")
 
     @app.get("/health")
     async def health() -> dict:
@@ -521,55 +216,93 @@ def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
     @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models() -> dict:
         """The one model this server serves."""
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
-                                            "owned_by": "llmlab", "max_model_len": context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def model_info(model_id: str) -> dict:
+        """The model object of `model_id` (404 unless it is the one served)."""
+        if model_id != config.model_name:
+            raise unknown_model(model_id)
+        return model_card()
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        """Continue `prompt` (streamed as server-sent events with stream=true)."""
-        ids = tokenizer(body.prompt)["input_ids"]
+        """Continue `prompt` (one choice per prompt; streamed as server-sent events with stream=true)."""
+        check_fields(body, chat=False)
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts or len(prompts) > config.max_batch:
+            raise APIError(400, f"'prompt' must hold 1 to {config.max_batch} prompts, got {len(prompts)}.",
+                           param="prompt", code="invalid_value")
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await asyncio.to_thread(lambda: tokenizer(texts)["input_ids"]) if texts else [])
+        ids = [list(p) if not isinstance(p, str) else list(next(encoded)) for p in prompts]
+        if any(not (0 <= i < vocab) for p in ids for i in p):
+            raise APIError(400, f"Token ids in 'prompt' must lie in [0, {vocab}).", param="prompt",
+                           code="invalid_value")
         return await _generate(body, ids, chat=False, request=request)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """The assistant's reply to `messages` (streamed as server-sent events with stream=true)."""
-        messages = [m.model_dump() for m in body.messages]
+        check_fields(body, chat=True)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+
+        def encode() -> list[int]:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+
         try:
-            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
+            ids = await asyncio.to_thread(encode)
         except Exception as e:  # noqa: BLE001 — a template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from None
-        return await _generate(body, ids, chat=True, request=request)
+        return await _generate(body, [ids], chat=True, request=request)
 
-    async def _generate(body: _GenerationFields, ids: list[int], chat: bool, request: Request) -> Any:
-        if body.model != config.model_name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                                f"'{config.model_name}'.", param="model", code="model_not_found")
-        if not ids:
-            raise APIError(400, "The prompt is empty: give at least one token.", param="prompt", code="invalid_value")
-        room = context - len(ids)
-        max_tokens = body.max_tokens
+    def _max_tokens(body: Any, chat: bool, ids: list[int]) -> int:
+        """The request's max_tokens, checked against the cap and the context."""
+        name = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(body, name)
         if max_tokens is None:  # OpenAI's defaults: 16 for completions, as much as fits for chat
-            max_tokens = min(16 if not chat else config.max_tokens, max(room, 1))
+            max_tokens = min(16 if not chat else config.max_tokens, max(context - len(ids), 1))
         if max_tokens > config.max_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {config.max_tokens}.",
-                           param="max_tokens", code="invalid_value")
+            raise APIError(400, f"{name}={max_tokens} is above this server's limit of {config.max_tokens}.",
+                           param=name, code="invalid_value")
         if len(ids) + max_tokens > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you "
                                 f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
                                 f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). Please "
-                                "reduce the length of the prompt or max_tokens.",
+                                f"reduce the length of the prompt or {name}.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
+        return max_tokens
+
+    async def _generate(body: Any, prompts: list[list[int]], chat: bool, request: Request) -> Any:
+        if body.model != config.model_name:
+            raise unknown_model(body.model)
+        if any(not ids for ids in prompts):
+            raise APIError(400, "The prompt is empty: give at least one token.", param="prompt", code="invalid_value")
+        limits = [_max_tokens(body, chat, ids) for ids in prompts]
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            if not (key.isdigit() and int(key) < vocab):
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}.",
+                               param="logit_bias", code="invalid_value")
+            bias[int(key)] = value
+        logprobs = ((body.top_logprobs or 0) if body.logprobs else None) if chat else body.logprobs
         sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                   repetition_penalty=body.repetition_penalty, length_penalty=body.length_penalty)
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        job = Job(ids, max_tokens, sampling, stop, stop_ids, time.monotonic() + config.timeout_s,
-                  asyncio.get_running_loop(), seed=body.seed)
-        scheduler.submit(job)
-        reply = _Reply(config.model_name, chat, len(ids))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = [Job(ids, limit, sampling, stop, stop_ids, loop, events, index=i, seed=body.seed, logprobs=logprobs,
+                    logit_bias=bias, frequency_penalty=body.frequency_penalty,
+                    presence_penalty=body.presence_penalty) for i, (ids, limit) in enumerate(zip(prompts, limits))]
+        scheduler.submit(jobs)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        reply = Reply(config.model_name, chat, sum(map(len, prompts)), tokenizer, logprobs, include_usage)
         if body.stream:
-            return _EventStream(job, _sse(job, reply))
-        return await _collect(job, reply, request)
+            return _EventStream(jobs, _sse(jobs, reply))
+        return await _collect(jobs, reply, request)
 
     def openapi() -> dict:
         """FastAPI's schema, plus what this server accepts: its model id and its max_tokens cap."""
@@ -578,9 +311,10 @@ def create_app(model: Any, tokenizer: "transformers.PreTrainedTokenizerBase",
             for name in ("CompletionRequest", "ChatCompletionRequest"):
                 fields = schema["components"]["schemas"][name]["properties"]
                 fields["model"]["enum"] = [config.model_name]
-                for option in fields["max_tokens"]["anyOf"]:
-                    if option.get("type") == "integer":
-                        option["maximum"] = config.max_tokens
+                for key in ("max_tokens", "max_completion_tokens"):
+                    for option in fields.get(key, {}).get("anyOf", []):
+                        if option.get("type") == "integer":
+                            option["maximum"] = config.max_tokens
         return app.openapi_schema
 
     app.openapi = openapi
@@ -597,74 +331,59 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-class _Reply:
-    """Builds OpenAI's response objects for one request."""
-
-    def __init__(self, model: str, chat: bool, prompt_tokens: int):
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _envelope(self, obj: str, choice: dict) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
-        """One streamed piece."""
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            return self._envelope("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": finish_reason})
-        return self._envelope("text_completion", {"index": 0, "text": text or "", "logprobs": None,
-                                                   "finish_reason": finish_reason})
-
-    def full(self, text: str, finish_reason: str, completion_tokens: int) -> dict:
-        """The whole answer at once."""
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": self.prompt_tokens + completion_tokens}
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-            return {**self._envelope("chat.completion", choice), "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope("text_completion", choice), "usage": usage}
+# ----------------------------------------------------------------------------------------
+# A request's events: streamed, or collected into one answer
 
 
 def _event(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def _sse(job: Job, reply: _Reply) -> AsyncIterator[str]:
-    """The job's events as server-sent events, ending with `data: [DONE]`."""
+async def _sse(jobs: list[Job], reply: Reply) -> AsyncIterator[str]:
+    """The jobs' events as server-sent events (a usage chunk last when asked), ending with `data: [DONE]`."""
     if reply.chat:
-        yield _event(reply.chunk(None, role=True))
-    while True:
-        kind, payload = await job.events.get()
+        yield _event(reply.chunk(0, None, role=True))
+    done = 0
+    while done < len(jobs):
+        index, kind, payload = await jobs[0].events.get()
         if kind == "text":
-            yield _event(reply.chunk(payload))
+            yield _event(reply.chunk(index, payload[0], payload[1]))
         elif kind == "done":
-            yield _event(reply.chunk(None, payload))
-            yield "data: [DONE]\n\n"
-            return
+            done += 1
+            yield _event(reply.chunk(index, None, payload[1], finish_reason=payload[0]))
         else:
             yield _event(payload.body())
             return
+    if reply.include_usage:
+        yield _event(reply.usage_chunk(sum(j.completion_tokens for j in jobs)))
+    yield "data: [DONE]\n\n"
 
 
-async def _collect(job: Job, reply: _Reply, request: Request) -> JSONResponse:
-    """Wait for the whole answer, cancelling the job if the client disconnects meanwhile."""
-    parts = []
-    while True:
+async def _collect(jobs: list[Job], reply: Reply, request: Request) -> JSONResponse:
+    """Wait for the whole answer, cancelling the jobs if the client disconnects meanwhile."""
+    texts: list[list[str]] = [[] for _ in jobs]
+    logprobs: list[list] = [[] for _ in jobs]
+    finish: dict[int, str] = {}
+    while len(finish) < len(jobs):
         try:
-            kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            index, kind, payload = await asyncio.wait_for(jobs[0].events.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                job.cancel()
+                for job in jobs:
+                    job.cancel()
                 return JSONResponse({}, status_code=499)  # nobody is listening
             continue
-        if kind == "text":
-            parts.append(payload)
-        elif kind == "done":
-            return JSONResponse(reply.full("".join(parts), payload, job.completion_tokens))
-        else:
+        if kind == "error":
+            for job in jobs:
+                job.cancel()
             return _error_response(payload)
+        if kind == "text":
+            texts[index].append(payload[0])
+        else:
+            finish[index] = payload[0]
+        logprobs[index].extend(payload[1])
+    choices = [("".join(texts[i]), finish[i], logprobs[i]) for i in range(len(jobs))]
+    return JSONResponse(reply.full(choices, sum(j.completion_tokens for j in jobs)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -683,11 +402,32 @@ def load(name: str, device: str | torch.device = "auto") -> tuple[Any, "transfor
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def machine_defaults() -> dict:
+    """Limits chosen for this machine: threads, max_batch, max_queue, max_tokens, timeout_s.
+
+    threads: the cores this process may use, halved when the machine is already busy (load
+    average at start above half of them): torch's threads wait for each other at every matmul,
+    so one thread that shares its core with another job slows every step. A GPU batches 32
+    sequences where a CPU is compute-bound past 8, and answers sooner (the deadline).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > cores / 2
+    gpu = torch.cuda.is_available()
+    batch = 32 if gpu else 8
+    return {"threads": max(1, cores // 2) if busy else cores, "max_batch": batch, "max_queue": 4 * batch,
+            "max_tokens": 512, "timeout_s": 120.0 if gpu else 300.0}
+
+
+def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None) -> None:
     """Load config.model_name and serve it with uvicorn until interrupted (the `llmlab serve` command)."""
     import uvicorn
 
+    from llmlab import runtime
+
+    threads = runtime.set_threads(threads)
     model, tokenizer = load(config.model_name)
+    print(f"llmlab serve: {config.model_name}, {threads} threads, max_batch={config.max_batch}, "
+          f"max_queue={config.max_queue}, max_tokens={config.max_tokens}, timeout={config.timeout_s:g} s", flush=True)
     uvicorn.run(create_app(model, tokenizer, config), host=host, port=port, log_level="info")
 
 
