@@ -341,7 +341,7 @@ class GRPOConfig:
 
     group_size: int = 4  # G completions sampled per prompt
     prompts_per_step: int = 4  # prompts per optimizer step
-    steps: int = 10  # optimizer steps (one update per sampled batch: ratio = 1, the clip guards reuse)
+    steps: int = 10  # optimizer steps, one per sampled batch (ratio = 1: the clip matters when a batch is reused)
     lr: float = 1e-4  # AdamW on the adapters
     epsilon: float = 0.2  # ratio clip
     beta: float = 0.04  # KL penalty weight
@@ -425,16 +425,14 @@ def train_grpo(model: nn.Module, tokenizer: "transformers.PreTrainedTokenizerBas
                               cfg.max_new_tokens, cfg.temperature, cfg.system)
         rewards = torch.tensor([float(reward_fn(t, chosen[i // cfg.group_size])) for i, t in enumerate(texts)])
         advantages = torch.as_tensor(advantage_fn(rewards, cfg.group_size)).float().to(batch.input_ids.device)
-        with torch.no_grad():
-            old = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+        with torch.no_grad(), adapters_off(model):
+            ref = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                              batch.input_ids)
-            with adapters_off(model):
-                ref = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                                 batch.input_ids)
         model.train()
         logps = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                            batch.input_ids)
-        loss = loss_fn(logps, old, ref, advantages, batch.response_mask, cfg.epsilon, cfg.beta)
+        # one update per sampled batch: the sampling policy is this one, so old = logps without gradient
+        loss = loss_fn(logps, logps.detach(), ref, advantages, batch.response_mask, cfg.epsilon, cfg.beta)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

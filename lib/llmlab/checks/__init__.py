@@ -13,3 +13,4 @@ from llmlab.checks.quantization import *  # noqa: F403
 from llmlab.checks.agents import *  # noqa: F403
 from llmlab.checks.serving import *  # noqa: F403
 from llmlab.checks.scaling import *  # noqa: F403
+from llmlab.checks.posttraining import *  # noqa: F403
