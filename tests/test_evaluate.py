@@ -171,3 +171,14 @@ def test_perplexity_is_exp_of_the_mean_token_nll(smollm2):
         logits = model(ids[None]).logits[0]
     nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
     assert evaluate.perplexity(model, ids, block_size=len(ids)) == pytest.approx(math.exp(float(nll)), rel=1e-4)
+
+
+def test_lab6_success_rate_is_scored_by_the_evaluator_with_its_interval():
+    from llmlab import agent
+
+    episodes = [{"question": f"q{i}", "answer": "84"} for i in range(5)]
+    replies = ["Thought: done\nFinal Answer: 84.0", "Thought: done\nFinal Answer: 85"] + ["Thought: done\nFinal Answer: 84"] * 3
+    result = agent.evaluate(agent.Agent(agent.ScriptedBackend(replies), agent.default_tools()), episodes)
+    assert result.correct == [True, False, True, True, True]
+    assert result.interval == evaluate.wilson_interval(4, 5)
+    assert agent.answers_match("0.412 km", "412 metres") == evaluate.exact_match("0.412 km", "412 metres") is True

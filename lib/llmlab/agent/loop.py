@@ -7,9 +7,6 @@ normalised answer matching.
 from __future__ import annotations
 
 import html
-import math
-import re
-import string
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -18,6 +15,8 @@ from llmlab.agent.backends import Backend
 from llmlab.agent.parse import STOP, Parsed, cut_reply, format_observation, parse_reply, system_prompt
 from llmlab.agent.policy import Policy
 from llmlab.agent.tools import ToolRegistry
+from llmlab.evaluate import exact_match, wilson_interval
+from llmlab.evaluate import normalize_text as normalize_answer  # noqa: F401  (re-exported by llmlab.agent)
 
 STATUSES = ("answered", "max_steps", "timeout", "error")
 
@@ -141,27 +140,10 @@ class Agent:
 # Evaluation on an episode suite
 
 
-def normalize_answer(text: str) -> str:
-    """Lowercase, no punctuation (digits' decimal points kept), no articles, single spaces, no thousands commas."""
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower().strip())
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
-    text = text.translate(str.maketrans({c: " " for c in string.punctuation if c != "."}))
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-_COUNT = re.compile(r"(-?\d+(?:\.\d+)?)((?: [a-z]+){0,2})")  # a number and at most two unit words
-
-
 def answers_match(predicted: str | None, expected: str) -> bool:
-    """Normalised exact match; numbers compare by value (84.0 == 84), and a bare expected number
-    also accepts a unit after it ("41000 people" for 41000), while an expected unit must be there."""
-    if predicted is None:
-        return False
-    a, b = normalize_answer(predicted), normalize_answer(expected)
-    got, want = _COUNT.fullmatch(a), _COUNT.fullmatch(b)
-    if got and want and (got[2] == want[2] or not want[2]):
-        return math.isclose(float(got[1]), float(want[1]), rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
+    """Normalised exact match (`llmlab.evaluate.exact_match`); numbers compare by value (84.0 == 84), and a
+    bare expected number also accepts a unit after it ("41000 people" for 41000), while an expected unit must be there."""
+    return exact_match(predicted, expected)
 
 
 @dataclass
@@ -174,6 +156,11 @@ class EvalResult:
     statuses: dict[str, int]  # how the runs ended
     traces: list[Trace]
     correct: list[bool]
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """Wilson 95% interval of the success rate (`llmlab.evaluate`): a suite of 20 episodes is small."""
+        return wilson_interval(sum(self.correct), len(self.correct))
 
 
 def evaluate(agent: Agent, episodes: Sequence[dict]) -> EvalResult:
