@@ -268,9 +268,11 @@ class Scheduler:
     def _chunk_size(self, row: _Row) -> int:
         """Prompt tokens for the next chunk: what costs about one decode step while others decode."""
         left = len(row.job.prompt_ids) - row.prefilled
+        if not self.config.chunked_prefill:
+            return left
         limit = self.config.prefill_chunk
         if self.running and self.step_s and self.prefill_tps:
-            limit = min(limit, max(16, int(self.step_s * self.prefill_tps)))
+            limit = min(limit, max(32, int(self.step_s * self.prefill_tps)))  # a floor: a forward has a fixed cost
         return min(left, limit)
 
     def _prefill_chunk(self) -> None:
