@@ -344,7 +344,7 @@ def _describes(manifest: dict, asset: Asset) -> bool:
     try:
         return isinstance(changed, dict) and manifest.get("recipe_key") == recipe_key(asset.name,
                                                                                       {**asset.recipe, **changed})
-    except TypeError:  # the change names an option the builder no longer has
+    except (TypeError, ValueError):  # the change names an option (or a value) the builder no longer takes
         return False
 
 
@@ -543,7 +543,7 @@ def build(name: str, builder: Callable[..., None] | None = None, device: str | N
     try:
         inspect.signature(builder).bind(Path(), **full, **run)
         key = recipe_key(name, full)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise AssetError(f"{name}: the recipe {full} does not fit its builder ({e})") from None
     with _staging(asset) as (_, entry):
         builder(entry, **full, **run)
