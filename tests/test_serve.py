@@ -5,6 +5,7 @@ bounded schemathesis fuzz run with no 5xx."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -292,6 +293,67 @@ def test_a_request_past_its_deadline_is_504_not_to_be_retried(slow_server):
     assert metrics(url)["timed_out"] - before == 2
 
 
+def test_the_official_client_does_not_retry_a_deadline(slow_server):
+    import openai
+
+    before = metrics(slow_server.url)
+    with openai.OpenAI(base_url=f"{slow_server.url}/v1", api_key="unused", max_retries=2) as client:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=MODEL, prompt="KING.", max_tokens=45, temperature=0)
+    assert e.value.status_code == 504
+    after = metrics(slow_server.url)
+    assert after["requests"] - before["requests"] == 1 and after["timed_out"] - before["timed_out"] == 1
+
+
+def test_admission_counts_the_running_batch_and_the_queue(slow_server):
+    """max_batch=2 + max_queue=1: three held requests fill the server; a fourth gets 429 + Retry-After."""
+    import openai
+
+    url = slow_server.url
+    body = {"model": MODEL, "prompt": "KING.", "max_tokens": 12, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        streams = [c.stream("POST", "/v1/completions", json=body) for _ in range(3)]
+        opened = [s.__enter__() for s in streams]
+        try:
+            held = metrics(url)
+            assert held["running"] + held["queue_depth"] == 3, held
+            r = c.post("/v1/completions", json={**body, "stream": False})
+            assert_error(r, 429, "queue_full")
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(model=MODEL, prompt="KING.", max_tokens=2)
+            answers = [list(serve.iter_sse(s.iter_lines())) for s in opened]
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+    assert all(a[-1]["choices"][0]["finish_reason"] == "length" for a in answers)
+
+
+def test_the_deadline_does_not_count_the_queue(course):
+    """One slot, 2 s generation deadline: the 4th request waits for three others, longer than the
+    deadline in all, and still gets its answer (each ran well within the deadline)."""
+    model, tok = load()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.04))
+    config = serve.ServerConfig(model_name=MODEL, max_tokens=48, max_batch=1, max_queue=3, timeout_s=2.0)
+    body = {"model": MODEL, "prompt": "KING.", "max_tokens": 15, "temperature": 0}
+    latencies: dict[int, float] = {}
+    codes: dict[int, int] = {}
+    with serve.BackgroundServer(serve.create_app(model, tok, config)) as server:
+        def ask(i: int) -> None:
+            start = time.perf_counter()
+            codes[i] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code
+            latencies[i] = time.perf_counter() - start
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert set(codes.values()) == {200}, codes
+    assert max(latencies.values()) > config.timeout_s, latencies  # the last one waited past the deadline
+
+
 def test_disconnect_mid_stream_cancels_the_generation(slow_server):
     url = slow_server.url
     before = metrics(url)
@@ -365,11 +427,20 @@ def test_llmlab_serve_command():
 
     args = cli.build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, "smollm2-135m-instruct")
+    args = cli.build_parser().parse_args(["serve", "--threads", "1", "--max-batch", "4", "--max-queue", "5",
+                                          "--timeout", "9", "--max-tokens", "77"])
+    assert (args.threads, args.max_batch, args.max_queue, args.timeout, args.max_tokens) == (1, 4, 5, 9.0, 77)
+    defaults = serve.machine_defaults()
+    assert set(defaults) == {"threads", "max_batch", "max_queue", "max_tokens", "timeout_s"}
+    assert 1 <= defaults["threads"] <= os.cpu_count() and defaults["max_queue"] == 4 * defaults["max_batch"]
+    serve.ServerConfig(**{k: v for k, v in defaults.items() if k != "threads"})  # valid limits
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "serve", "--model", MODEL, "--port", str(port),
-                             "--api-key", "k3y"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--api-key", "k3y", "--threads", "1", "--max-batch", "2", "--max-queue", "3",
+                             "--timeout", "30", "--max-tokens", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -384,6 +455,10 @@ def test_llmlab_serve_command():
         assert_error(httpx.get(f"{url}/v1/models"), 401, "invalid_api_key")
         r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"})
         assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+        r = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer k3y"},
+                       json={"model": MODEL, "prompt": "KING.", "max_tokens": 21})
+        assert_error(r, 400, "invalid_value", "max_tokens")  # --max-tokens 20
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        out = proc.communicate(timeout=30)[0]
+    assert "1 threads, max_batch=2, max_queue=3, max_tokens=20, timeout=30 s" in out, out
