@@ -103,7 +103,7 @@ def build(forbidden: list[str], checks_module: str | None, into: Path) -> Path:
     """Write the view under `into` (a folder holding `llmlab/`), reusing an identical one; return it."""
     package = Path(llmlab.__file__).resolve().parent
     strip = targets(forbidden, checks_module)
-    sources = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    sources = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)  # .po too
     h = hashlib.sha256(repr(sorted((str(k), sorted(v)) for k, v in strip.items())).encode())
     for p in sources:
         h.update(str(p.relative_to(package)).encode() + p.read_bytes())

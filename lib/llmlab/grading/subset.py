@@ -16,6 +16,8 @@ import ast
 import importlib.util
 import re
 
+from llmlab.i18n import N_, _
+
 # Calls that run, compile or import code, or hand out namespaces by name.
 REFUSED_NAMES = {
     "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "open", "breakpoint",
@@ -50,6 +52,8 @@ REFUSED_ATTRS = {
 }
 # Dunder attributes that only read a name or call a parent constructor.
 SAFE_DUNDERS = {"__init__", "__name__"}
+LOADS = N_("{name} (loads code or files, or reaches underneath torch)")
+YOURSELF = N_("{name}: this exercise asks you to implement it yourself")
 FORMAT_FIELD = re.compile(r"\{[^{}]*[.\[]\s*_")  # "{0.__class__}", "{x[_y]}": attribute access in a format string
 
 
@@ -88,31 +92,31 @@ class _Rule:
         """An imported or named module path: allowed, refused by the subset, or a forbidden answer."""
         top = dotted.split(".")[0]
         if top not in ALLOWED_MODULES:
-            self.refuse(node, f"import of {top!r} (exercise cells may import math, torch, numpy, "
-                              "the course library and similar; not modules that reach the interpreter, "
-                              "files or code)")
+            self.refuse(node, _("import of {module!r} (exercise cells may import math, torch, numpy, the course "
+                                "library and similar; not modules that reach the interpreter, files or code)").format(module=top))
         elif hit := next((r for r in REFUSED_DOTTED if dotted == r or dotted.startswith(r + ".")), None):
-            self.refuse(node, f"{hit} (loads code or files, or reaches underneath torch)")
+            self.refuse(node, _(LOADS).format(name=hit))
         elif hit := self._forbidden_module(dotted):
-            self.refuse(node, f"{hit}: this exercise asks you to implement it yourself")
+            self.refuse(node, _(YOURSELF).format(name=hit))
         elif any(part.startswith("_") for part in dotted.split(".")):
-            self.refuse(node, f"private module {dotted}")
+            self.refuse(node, _("private module {name}").format(name=dotted))
 
     def check_attribute(self, node: ast.AST, attr: str, dotted: str) -> None:
         if attr.startswith("_") and attr not in SAFE_DUNDERS:
-            self.refuse(node, f"attribute {attr!r} (private and dunder attributes are refused)")
+            self.refuse(node, _("attribute {name!r} (private and dunder attributes are refused)").format(name=attr))
         elif attr in REFUSED_ATTRS:
-            self.refuse(node, f"attribute {attr!r} (reaches frames, code, files or the dispatcher underneath torch)")
+            self.refuse(node, _("attribute {name!r} (reaches frames, code, files or the dispatcher underneath torch)")
+                        .format(name=attr))
         elif attr in self.leaves:
-            self.refuse(node, f"{self.leaves[attr]}: this exercise asks you to implement it yourself")
+            self.refuse(node, _(YOURSELF).format(name=self.leaves[attr]))
         else:
-            head, _, _ = dotted.partition(".")
+            head = dotted.partition(".")[0]
             full = dotted.replace(head, self.aliases[head], 1) if head in self.aliases else dotted
             if "?" not in full and full.split(".")[0] in ALLOWED_MODULES | set(self.aliases.values()):
                 if hit := next((r for r in REFUSED_DOTTED if full == r or full.startswith(r + ".")), None):
-                    self.refuse(node, f"{hit} (loads code or files, or reaches underneath torch)")
+                    self.refuse(node, _(LOADS).format(name=hit))
                 elif hit := self._forbidden_module(full):
-                    self.refuse(node, f"{hit}: this exercise asks you to implement it yourself")
+                    self.refuse(node, _(YOURSELF).format(name=hit))
 
     def visit(self, tree: ast.AST) -> None:
         for node in ast.walk(tree):
@@ -123,38 +127,38 @@ class _Rule:
                         alias.name if alias.asname else alias.name.split(".")[0])
             elif isinstance(node, ast.ImportFrom):
                 if node.level or not node.module:
-                    self.refuse(node, "relative import")
+                    self.refuse(node, _("relative import"))
                     continue
                 self.check_module(node, node.module)
                 for alias in node.names:
                     if alias.name == "*":
-                        self.refuse(node, f"from {node.module} import * (name what you use)")
+                        self.refuse(node, _("from {module} import * (name what you use)").format(module=node.module))
                         continue
                     full = f"{node.module}.{alias.name}"
                     if alias.name.startswith("_"):
-                        self.refuse(node, f"private name {alias.name!r}")
+                        self.refuse(node, _("private name {name!r}").format(name=alias.name))
                     elif alias.name in self.leaves:
-                        self.refuse(node, f"{self.leaves[alias.name]}: this exercise asks you to implement it yourself")
+                        self.refuse(node, _(YOURSELF).format(name=self.leaves[alias.name]))
                     elif _module_of_safe(full):
                         self.check_module(node, full)
                     elif alias.name in REFUSED_ATTRS or full in REFUSED_DOTTED:
-                        self.refuse(node, f"{full} (loads code or files, or reaches underneath torch)")
+                        self.refuse(node, _(LOADS).format(name=full))
                     self.aliases[alias.asname or alias.name] = full
             elif isinstance(node, ast.Name):
                 if node.id in REFUSED_NAMES:
-                    self.refuse(node, f"{node.id}() (runs code, reads files or hands out namespaces)")
+                    self.refuse(node, _("{name}() (runs code, reads files or hands out namespaces)").format(name=node.id))
                 elif node.id.startswith("__") and node.id.endswith("__"):
-                    self.refuse(node, f"dunder name {node.id!r}")
+                    self.refuse(node, _("dunder name {name!r}").format(name=node.id))
             elif isinstance(node, ast.Attribute):
                 self.check_attribute(node, node.attr, _dotted(node))
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in NAME_BY_STRING:
                 if len(node.args) < 2 or not (isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
-                    self.refuse(node, f"{node.func.id}() with a computed attribute name")
+                    self.refuse(node, _("{name}() with a computed attribute name").format(name=node.func.id))
                 else:
                     self.check_attribute(node, node.args[1].value, f"?.{node.args[1].value}")
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if FORMAT_FIELD.search(node.value):
-                    self.refuse(node, "a format string that reads a private attribute")
+                    self.refuse(node, _("a format string that reads a private attribute"))
 
 
 def _module_of_safe(name: str) -> bool:
@@ -172,5 +176,5 @@ def refusal(source: str, forbidden: list[str]) -> str | None:
     rule.visit(tree)
     if not rule.found:
         return None
-    line, _, why = min(rule.found)
-    return f"line {line}: {why}"
+    line, _col, why = min(rule.found)
+    return _("line {line}: {why}").format(line=line, why=why)

@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 from llmlab.grading import protocol
 from llmlab.grading.libview import resolve
+from llmlab.i18n import N_, _
+
+CALLS = N_("your code calls {name}; this exercise asks you to implement it yourself")
 
 
 class CappedWriter(io.TextIOBase):
@@ -64,7 +67,7 @@ class Guard:
                 self._wrap(obj, "__init__", name)
             else:
                 self.torch_funcs[obj] = name
-                owner, _, attr = name.rpartition(".")
+                owner, attr = name.rpartition(".")[::2]
                 self._wrap(resolve(owner), attr, name)
 
     def _wrap(self, owner: Any, attr: str, label: str) -> None:
@@ -79,7 +82,7 @@ class Guard:
 
         def tripwire(*args, **kwargs):
             if guard.active:
-                raise ForbiddenCall(f"your code calls {label}; this exercise asks you to implement it yourself")
+                raise ForbiddenCall(_(CALLS).format(name=label))
             return original(*args, **kwargs)
 
         try:
@@ -97,7 +100,7 @@ class Guard:
         class Tripwire(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 if func in funcs:
-                    raise ForbiddenCall(f"your code calls {funcs[func]}; this exercise asks you to implement it yourself")
+                    raise ForbiddenCall(_(CALLS).format(name=funcs[func]))
                 return func(*args, **(kwargs or {}))
 
         self.active = True
@@ -118,7 +121,7 @@ def main() -> None:
     replies = os.fdopen(3, "wb")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # student code sees an empty stdin, not the request channel
-    spec, _ = protocol.recv(requests)
+    spec = protocol.recv(requests)[0]
     cap = int(spec.get("output_bytes", 1 << 20))
 
     import torch
