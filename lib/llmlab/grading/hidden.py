@@ -25,6 +25,7 @@ import random
 import re
 
 from nbconvert.preprocessors import Preprocessor
+from traitlets import Bool
 
 BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 HANDLE = "_llmlab_sandbox"
@@ -51,6 +52,8 @@ def unmark(source: str) -> str:
 
 class MarkTests(Preprocessor):
     """nbgrader autograde step: mark every test cell (see the module docstring)."""
+
+    enabled = Bool(True)  # nbconvert's preprocessors start disabled; nbgrader registers this one as is
 
     def preprocess_cell(self, cell, resources, index):
         meta = cell.metadata.get("nbgrader", {})
