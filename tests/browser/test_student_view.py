@@ -239,3 +239,11 @@ def test_a_script_in_an_answer_runs_neither_in_feedback_nor_in_the_formgrader(br
     page.goto(f"{course['url']}/formgrader/submissions/{found.stdout.strip()}/?index=0")
     page.get_by_text("My answer.").first.wait_for(timeout=60_000)
     _no_script_ran(page, course["shots"] / "formgrader-script.png")
+
+
+def test_the_chinese_copy_in_the_browser(browser, course):
+    page = _open(browser, course, f"labs/zh/{LAB}/attention.ipynb")
+    page.get_by_text("注意力").first.wait_for(timeout=60_000)  # the lab's text is in Chinese
+    verdict = _validate(page)
+    page.screenshot(path=str(course["shots"] / "student-validate-zh.png"))
+    assert "fail" in verdict.lower() or "error" in verdict.lower(), verdict
