@@ -167,8 +167,11 @@ def test_group_advantages_normalise_within_each_group():
     groups = adv.view(3, 4)
     assert torch.allclose(groups.mean(1), torch.zeros(3), atol=1e-6)
     assert torch.equal(groups[1], torch.zeros(4)), "all-equal rewards teach nothing"
-    g = rewards[:4]
-    assert torch.allclose(groups[0], (g - g.mean()) / (g.std() + 1e-4))  # unbiased std, as TRL
+    from trl.trainer.utils import nanstd  # TRL's GRPOTrainer: Bessel-corrected group std, + 1e-4
+
+    mean = rewards.view(-1, 4).mean(1).repeat_interleave(4)
+    std = nanstd(rewards.view(-1, 4), dim=1).repeat_interleave(4)
+    assert torch.allclose(adv, (rewards - mean) / (std + 1e-4))
 
 
 def test_grpo_loss_gradient_is_the_policy_gradient_and_clipping_stops_it():
