@@ -2,6 +2,8 @@
 the Chinese release and grading a Chinese submission to exactly the English points."""
 from __future__ import annotations
 
+from collections import Counter
+
 import ast
 import io
 import json
@@ -252,6 +254,12 @@ def test_gate_passes_a_complete_translation_and_fails_each_kind_of_damage(course
     assert any(e.startswith("missing") for e in _errors())
     _edit("parameters", lambda c, cid: c[cid]["comments"].pop(next(iter(c[cid]["comments"]))))
     assert any(e.startswith("comments not translated") for e in _errors())
+
+
+def test_spans_are_read_left_to_right_like_markdown():
+    found = i18n.protected("a `$` sign, then `$` again, and $x^2$ with 3 apples")
+    assert found["code spans"] == Counter({"`$`": 2}) and found["formulas"] == Counter({"$x^2$": 1})
+    assert found["numbers"] == Counter({"3": 1})
 
 
 def test_gate_warns_when_a_glossary_term_is_translated_two_ways(course_copy):

@@ -245,6 +245,7 @@ def localize(nb, name: str, translation: dict, lang: str):
 _FORMULA = re.compile(r"\$\$.+?\$\$|(?<!\\)\$(?:[^$\n\\]|\\.|\n(?![ \t]*\n))+?\$", re.S)
 _FENCE = re.compile(r"^[ \t]*```.*?^[ \t]*```", re.S | re.M)
 _CODE = re.compile(r"`(?:[^`\n]|\n(?![ \t]*\n))+`")  # an inline span may wrap onto the next line too
+_SPAN = re.compile(f"{_CODE.pattern}|{_FORMULA.pattern}", re.S)
 _URL = re.compile(r"https?://[^\s)>\]]+")
 _NUMBER = re.compile(r"\d+")
 
@@ -254,7 +255,16 @@ def protected(text: str) -> dict[str, Counter]:
     found: dict[str, Counter] = {}
     # a fenced block may hold translated notes (a diagram's labels): only its URLs and numbers count
     rest = _FENCE.sub(lambda m: re.sub(r"[`$]", " ", m.group()), text)
-    for kind, pattern in (("formulas", _FORMULA), ("code spans", _CODE), ("URLs", _URL), ("numbers", _NUMBER)):
+    # formulas and code spans in one left-to-right pass, whichever starts first (as markdown reads them),
+    # so a code span holding a lone `$` does not open a formula
+    found["formulas"], found["code spans"] = Counter(), Counter()
+    kept = []
+    for m in _SPAN.finditer(rest):
+        found["code spans" if m.group().startswith("`") else "formulas"][m.group()] += 1
+        kept.append((m.start(), m.end()))
+    for start, end in reversed(kept):
+        rest = rest[:start] + " " + rest[end:]
+    for kind, pattern in (("URLs", _URL), ("numbers", _NUMBER)):
         found[kind] = Counter(pattern.findall(rest))
         rest = pattern.sub(" ", rest)
     return found
