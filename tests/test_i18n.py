@@ -2,8 +2,6 @@
 the Chinese release and grading a Chinese submission to exactly the English points."""
 from __future__ import annotations
 
-from collections import Counter
-
 import ast
 import io
 import json
@@ -11,6 +9,7 @@ import math
 import re
 import shutil
 import tokenize
+from collections import Counter
 
 import nbformat
 import pytest
