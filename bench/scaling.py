@@ -23,7 +23,7 @@ from llmlab import data, runtime
 from llmlab.model import GPT, GPTConfig
 from llmlab.parallel import checkpointing, data_parallel, harness, moe, zero
 
-CONFIG = GPTConfig()  # the 1.3M-parameter QUICK model
+CONFIG = GPTConfig()  # the default config (1.3M parameters)
 
 
 def throughput(steps: int, batch: int) -> float:

@@ -176,7 +176,7 @@ def lm_corpus(name: str = "shakespeare", seed: int = 0, min_chars: int = 1000) -
     spelling beside the modern text): they share 10-30% of their word trigrams where unrelated
     plays share ~2%, so trigram Jaccard >= 0.1 finds them. Left in, one edition in training and
     the other in validation would leak the validation text. The result is cached beside the
-    assets (dedup takes ~20 s).
+    assets (dedup reads the whole corpus, so it runs once).
     """
     def build() -> dict[str, list[str]]:
         docs, _ = dedup(filter_length(load_texts(name), min_chars), threshold=0.1, shingle=3)
