@@ -102,7 +102,9 @@ def _not_regular_files(subs: Path, outside: Path) -> None:
 @pytest.mark.timeout(3600)  # the batch (about 50 submissions) is graded in this test's setup
 def test_the_batch_finishes_and_prints_the_table(batch):
     proc = batch["proc"]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # exit 1 says some submissions could not be graded: exactly the refused ids, and nothing else
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(r["error"] is None for r in batch["results"].values()), proc.stdout[-3000:]
     assert "student" in proc.stdout and "failing tests" in proc.stdout
     assert set(batch["results"]) >= set(batch["honest"]) | {"solution", "untouched", "partial"}
 
