@@ -461,4 +461,4 @@ def test_llmlab_serve_command():
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert "1 threads, max_batch=2, max_queue=3, max_tokens=20, timeout=30 s" in out, out
+    assert "(float32 weights), 1 threads, max_batch=2, max_queue=3, max_tokens=20, timeout=30 s" in out, out

@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits.update({k: v for k, v in given.items() if v is not None})
     threads = limits.pop("threads")
     config = serve.ServerConfig(model_name=args.model, api_key=args.api_key, **limits)
-    serve.run(config, host=args.host, port=args.port, threads=threads)
+    serve.run(config, host=args.host, port=args.port, threads=threads, quantize=args.quantize)
     return 0
 
 
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="generation deadline of a request, from when it gets a batch slot; queue time not counted "
                         "(default: 300 on CPU, 120 on a GPU)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="weight-only quantized Linear layers, lab 4's formats on torch's packed kernels "
+                        "(default: float32 weights)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("course", help="the main job: assets, release, run every lab (QUICK), grade samples")

@@ -419,16 +419,22 @@ def machine_defaults() -> dict:
             "max_tokens": 512, "timeout_s": 120.0 if gpu else 300.0}
 
 
-def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None) -> None:
-    """Load config.model_name and serve it with uvicorn until interrupted (the `llmlab serve` command)."""
+def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+        quantize: str | None = None) -> None:
+    """Load config.model_name (weight-only int8/int4 with `quantize`) and serve it with uvicorn until interrupted."""
     import uvicorn
 
     from llmlab import runtime
 
     threads = runtime.set_threads(threads)
     model, tokenizer = load(config.model_name)
-    print(f"llmlab serve: {config.model_name}, {threads} threads, max_batch={config.max_batch}, "
-          f"max_queue={config.max_queue}, max_tokens={config.max_tokens}, timeout={config.timeout_s:g} s", flush=True)
+    if quantize:
+        from llmlab.serve_quant import quantize_weights
+
+        quantize_weights(model, quantize)
+    print(f"llmlab serve: {config.model_name} ({quantize or 'float32'} weights), {threads} threads, "
+          f"max_batch={config.max_batch}, max_queue={config.max_queue}, max_tokens={config.max_tokens}, "
+          f"timeout={config.timeout_s:g} s", flush=True)
     uvicorn.run(create_app(model, tokenizer, config), host=host, port=port, log_level="info")
 
 
