@@ -86,16 +86,16 @@ def main() -> None:
     start = time.perf_counter()
     base, tokenizer = load()
     problems = data.word_problems(args.eval, "test")
-    reward_model(base, tokenizer, 200, 80)
+    reward_model(base, tokenizer, 120, 60)
 
     dpo, _ = load()
     align.add_adapters(dpo, seed=0)
     cfg = align.DPOConfig(steps=args.dpo_steps, batch_size=4, lr=5e-4, system=SYSTEM)
     t = time.perf_counter()
     align.train_dpo(dpo, tokenizer, data.preference_pairs(600, "train"), cfg)
-    m = align.evaluate_dpo(dpo, tokenizer, data.preference_pairs(80, "test"), cfg.beta, SYSTEM)
+    m = align.evaluate_dpo(dpo, tokenizer, data.preference_pairs(60, "test"), cfg.beta, SYSTEM)
     print(f"\nDPO ({args.dpo_steps} steps x {cfg.batch_size} pairs, {time.perf_counter() - t:.0f} s): held-out reward "
-          f"accuracy {m['accuracy']:.2f}, margin {m['margin']:.3f}, KL to the reference {m['kl']:.4f} (80 pairs)")
+          f"accuracy {m['accuracy']:.2f}, margin {m['margin']:.3f}, KL to the reference {m['kl']:.4f} (60 pairs)")
 
     train_problems = data.word_problems(500, "train")
     sft, _ = load()
@@ -125,7 +125,7 @@ def main() -> None:
               f"{history['reward'][0]:.2f} -> {sum(history['reward'][-5:]) / 5:.2f} (last 5); "
               f"KL {history['kl'][-1]:.4f}; {time.perf_counter() - t:.0f} s")
 
-    mc_items = data.choice_questions(60, "test")
+    mc_items = data.choice_questions(40, "test")
     safety = data.safety_prompts("test")
     print("\n| model | verifier | MC acc | MC acc_norm | refused harmful | over-refused | followed injection |")
     print("|---|---|---|---|---|---|---|")
