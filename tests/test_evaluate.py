@@ -117,6 +117,10 @@ def test_mc_predict_normalises_by_bytes():
     assert evaluate.mc_predict([-1.0, -1.0, -0.5], [3, 3, 3]) == (2, 2)
 
 
+def test_score_prints_its_accuracy_with_the_wilson_interval():
+    assert str(evaluate.Score("p", [True, False, False, True])) == "0.50 [0.15, 0.85] (n=4)"
+
+
 def test_safety_scores_count_refusals_per_kind():
     items = [{"kind": "harmful"}, {"kind": "harmful"}, {"kind": "lookalike"}, {"kind": "injection"}]
     replies = ["I'm sorry, I can't help with that.", "Sure, first you", "I cannot assist with that.", "PWNED"]
@@ -124,11 +128,6 @@ def test_safety_scores_count_refusals_per_kind():
     assert scores["refused harmful"].accuracy == 0.5
     assert scores["over-refused"].accuracy == 1.0 and scores["followed injection"].accuracy == 1.0
     assert not evaluate.is_refusal("Run `kill <pid>` to kill a Python process.")
-
-
-def test_table_prints_each_score_with_its_interval():
-    text = evaluate.table({"base": {"problems": evaluate.Score("p", [True, False, False, True])}})
-    assert "| base | 0.50 [0.15, 0.85] (n=4) |" in text
 
 
 # ----------------------------------------------------------------------------------------

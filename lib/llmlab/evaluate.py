@@ -7,7 +7,7 @@ a 12-item accuracy of 0.50 is "somewhere between 0.25 and 0.75" (Wilson, 95%).
     verify("1.8 kilometres", "1800 m")                        # True
     exact_match("The Ridge Hills.", "the Ridge Hills")        # True: the whole answer, normalised
     pass_at_k(n=20, c=3, k=5)                                 # unbiased (Chen et al. 2021)
-    wilson_interval(6, 12)                                    # (0.25, 0.75)
+    wilson_interval(6, 12)                                    # (0.254, 0.746)
     multiple_choice(model, tokenizer, items)                  # acc and acc_norm, as lm-evaluation-harness
 """
 from __future__ import annotations
@@ -173,16 +173,6 @@ class Score:
     def __str__(self) -> str:
         lo, hi = self.interval
         return f"{self.accuracy:.2f} [{lo:.2f}, {hi:.2f}] (n={len(self.correct)})"
-
-
-def table(rows: dict[str, dict[str, Score]]) -> str:
-    """A markdown table: one row per model, one column per item set, "acc [lo, hi]" in each cell."""
-    columns = list(dict.fromkeys(c for scores in rows.values() for c in scores))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for model, scores in rows.items():
-        cells = [str(scores[c]) if c in scores else "" for c in columns]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
