@@ -5,7 +5,7 @@
 - reward model: a linear Bradley-Terry head on the frozen model's mean response features,
   held-out preference accuracy (by kind);
 - DPO (LoRA r=8 on q_proj, v_proj; the reference is the frozen base): held-out reward accuracy,
-  margin and KL to the reference on the chosen responses;
+  margin, and the KL between policy and reference next-token distributions on the chosen responses;
 - GRPO with the verifier as reward (plus 0.1 for the right kind of unit), from a short SFT cold
   start (merged; GRPO's reference): held-out verifier accuracy (greedy) before and after, per
   seed, with Wilson intervals and the paired difference;
