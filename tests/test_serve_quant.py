@@ -13,14 +13,14 @@ from llmlab import assets, quant, serve
 from llmlab.serve_quant import INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
 
 
-@pytest.mark.parametrize("cls,bits,group_size", [(Int8WeightOnlyLinear, 8, None),
-                                                 (Int4WeightOnlyLinear, 4, INT4_GROUP)])
-def test_packed_layers_compute_lab_4s_dequantized_weights(cls, bits, group_size):
+@pytest.mark.parametrize("cls,bits,group_size,symmetric", [(Int8WeightOnlyLinear, 8, None, True),
+                                                           (Int4WeightOnlyLinear, 4, INT4_GROUP, False)])
+def test_packed_layers_compute_lab_4s_dequantized_weights(cls, bits, group_size, symmetric):
     torch.manual_seed(0)
     linear = nn.Linear(192, 96)
     linear.weight.data[3, 5] = 1.5  # an outlier row
     layer = cls(linear)
-    reference = quant.QuantLinear(linear, bits, group_size)  # lab 4: dequantize, then a float matmul
+    reference = quant.QuantLinear(linear, bits, group_size, symmetric)  # lab 4: dequantize, then a float matmul
     x = torch.randn(2, 7, 192)
     with torch.no_grad():
         want, got = reference(x), layer(x)
@@ -50,7 +50,9 @@ def test_a_quantized_model_serves_close_to_the_float_one():
     for kind, bits in (("int8", 8), ("int4", 4)):
         q = quantize_weights(copy.deepcopy(model), kind)
         assert not any(type(m) is nn.Linear for m in q.modules()), kind
-        lab4 = quant.quantize_model(copy.deepcopy(model), bits, None if bits == 8 else 32)  # dequantize + matmul
+        # lab 4's layers (dequantize + matmul) in the same formats: the head int8 in both
+        lab4 = quant.quantize_model(copy.deepcopy(model), bits, None if bits == 8 else INT4_GROUP, bits == 8)
+        lab4.lm_head = quant.QuantLinear(model.lm_head, 8)
         assert abs(nll(q) - nll(lab4)) < 0.01 * nll(lab4), kind  # the same codes; bfloat16 activations
         if kind == "int8":
             assert abs(nll(q) - base) < 0.02 * base

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmlab.generate import Decoder, KVCache, SamplingParams, TextStream, sample
+from llmlab.generate import Decoder, KVCache, SamplingParams, TextStream, left_pad, sample
 from llmlab.openai_api import APIError
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class _Row:
     job: Job
     text: TextStream
     generator: torch.Generator | None
-    cache: KVCache = field(default_factory=KVCache)  # its own, until the prefill is done and it joins the batch
+    cache: KVCache | None = field(default_factory=KVCache)  # its own, until its prefill is done
     prefilled: int = 0  # prompt tokens in `cache`
     generated: list[int] = field(default_factory=list)
     pending: list = field(default_factory=list)  # log-probabilities not yet sent with a text piece
@@ -283,6 +283,16 @@ class Scheduler:
             self.metrics.left_batch()
             return
         n = self._chunk_size(row)
+        if row.prefilled == 0 and not self.running:  # nobody waits on a step: whole short prompts together
+            fits, total = [], 0
+            for r in self.prefilling:
+                total += len(r.job.prompt_ids)
+                if r.prefilled or r.job.cancelled or total > self.config.prefill_chunk:
+                    break
+                fits.append(r)
+            if len(fits) > 1:
+                self._prefill_together(fits)
+                return
         ids = torch.tensor([row.job.prompt_ids[row.prefilled:row.prefilled + n]], device=self.decoder.device)
         start = time.perf_counter()
         try:
@@ -304,6 +314,34 @@ class Scheduler:
         self.cache = row.cache if not self.running else KVCache.cat([self.cache, row.cache])
         row.cache = None
         self.running.append(row)
+
+    def _prefill_together(self, rows: list[_Row]) -> None:
+        """Prefill several whole short prompts in one left-padded forward pass (a burst of requests)."""
+        for row in rows:
+            self.prefilling.remove(row)
+        input_ids, attention_mask = left_pad([r.job.prompt_ids for r in rows])
+        cache = KVCache()
+        try:
+            logits = self.decoder.forward(input_ids, cache, attention_mask)[:, -1]  # (k, V)
+        except Exception as e:  # noqa: BLE001 — these jobs fail, the batch goes on
+            for row in rows:
+                row.job.emit("error", _failed(e))
+            return
+        self.metrics.add("prefill_chunks")
+        tokens = self._next_tokens(rows, logits)
+        keep = []
+        for i, row in enumerate(rows):
+            row.prefilled = len(row.job.prompt_ids)
+            if self._advance(row, int(tokens[i]), logits[i]):
+                self.metrics.left_batch()
+            else:
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            cache.select(keep)
+        self.cache = cache if not self.running else KVCache.cat([self.cache, cache])
+        self.running.extend(rows[i] for i in keep)
 
     def _step(self) -> None:
         """One decode step for the whole batch; finished and abandoned jobs leave it."""
