@@ -180,6 +180,7 @@ class Scheduler:
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.outbox: list[tuple[Job, str, Any]] = []  # events of this step, delivered by _flush
         self.step_s = 0.0  # moving average of a decode step's seconds
         self.prefill_tps = 0.0  # moving average of prefill tokens/s
 
@@ -244,9 +245,26 @@ class Scheduler:
                         self._step()
                 except Exception as e:  # noqa: BLE001 — fail the batch, keep serving
                     self._fail_all(_failed(e))
+                self._flush()
+
+    def _send(self, job: Job, kind: str, payload: Any) -> None:
+        """Queue an event for the HTTP side; `_flush` hands a whole step's events over at once."""
+        self.outbox.append((job, kind, payload))
+
+    def _flush(self) -> None:
+        """One wake-up of the event loop per step for all its events, not one per token."""
+        if not self.outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, kind, payload in self.outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, (job.index, kind, payload)))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _fail_all(self, error: APIError) -> None:
         """End every running and prefilling job with `error` and start from an empty batch."""
+        self._flush()
         for row in self.running + self.prefilling:
             row.job.emit("error", error)
         self.running, self.prefilling, self.cache = [], [], None
@@ -299,7 +317,7 @@ class Scheduler:
             logits = self.decoder.forward(ids, row.cache)[0, -1]  # (V,)
         except Exception as e:  # noqa: BLE001 — this job fails, the batch goes on
             self.prefilling.pop(0)
-            row.job.emit("error", _failed(e))
+            self._send(row.job, "error", _failed(e))
             return
         seconds = time.perf_counter() - start
         self.prefill_tps = _average(self.prefill_tps, n / max(seconds, 1e-6))
@@ -325,7 +343,7 @@ class Scheduler:
             logits = self.decoder.forward(input_ids, cache, attention_mask)[:, -1]  # (k, V)
         except Exception as e:  # noqa: BLE001 — these jobs fail, the batch goes on
             for row in rows:
-                row.job.emit("error", _failed(e))
+                self._send(row.job, "error", _failed(e))
             return
         self.metrics.add("prefill_chunks")
         tokens = self._next_tokens(rows, logits)
@@ -376,7 +394,7 @@ class Scheduler:
         now = time.monotonic()
         if now - job.started > self.config.timeout_s:
             self.metrics.add("timed_out")
-            job.emit("error", APIError(
+            self._send(job, "error", APIError(
                 504, f"The request did not finish within the server's {self.config.timeout_s:g} s generation "
                      f"limit: it waited {job.started - job.arrived:.1f} s for a batch slot (not counted), then "
                      f"ran {now - job.started:.1f} s and generated {job.completion_tokens} tokens. Ask for fewer "
@@ -427,7 +445,7 @@ class Scheduler:
         else:
             delta = row.text.push(token)
             if delta:
-                job.emit("text", (delta, row.pending))
+                self._send(job, "text", (delta, row.pending))
                 row.pending = []
             if row.text.stopped:
                 finish = "stop"
@@ -436,11 +454,16 @@ class Scheduler:
         if finish is None:
             return False
         if tail := row.text.finish():
-            job.emit("text", (tail, row.pending))
+            self._send(job, "text", (tail, row.pending))
             row.pending = []
-        job.emit("done", (finish, row.pending))
+        self._send(job, "done", (finish, row.pending))
         self.metrics.add("completed")
         return True
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 def _average(old: float, new: float, weight: float = 0.3) -> float:
