@@ -12,11 +12,12 @@ $(STAMP): pyproject.toml docker/install-course.sh
 	PYTHON=$(BIN)/python docker/install-course.sh
 	touch $(STAMP)
 
-## system: operating-system packages (Debian): bubblewrap for the grading sandbox, chromium for
-## the browser test. Needs root or sudo; without them it only warns.
+## system: operating-system packages (Debian): bubblewrap for the grading sandbox, chromium and a
+## CJK font (the Chinese copies' screenshots) for the browser test. Needs root or sudo; without them it only warns.
 system:
 	@missing=""; command -v bwrap >/dev/null || missing="bubblewrap"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  fc-list :lang=zh 2>/dev/null | grep -q . || missing="$$missing fonts-noto-cjk"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
 	    elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; \
