@@ -61,6 +61,12 @@ def _child(fn: Callable, args: tuple, rank: int, world_size: int, init: dict, ti
     conn.close()
 
 
+def _peer_lost(message: str) -> bool:
+    """True for the error a rank gets when another rank has already failed (gloo's broken connection)."""
+    return any(w in message for w in ("Connection reset by peer", "Connection closed by peer", "died without a reply",
+                                      "Broken pipe", "gloo/transport"))
+
+
 def run(fn: Callable, world_size: int, *args: Any, timeout_s: float = 60.0, store: str = "file") -> list:
     """Call fn(*args) on `world_size` gloo processes; return their return values, rank 0 first.
 
@@ -91,10 +97,13 @@ def run(fn: Callable, world_size: int, *args: Any, timeout_s: float = 60.0, stor
             procs.append(p)
             conns[parent] = rank
         results: dict[int, Any] = {}
+        errors: dict[int, Exception] = {}
         deadline = time.monotonic() + timeout_s
         while conns:
             ready = wait(list(conns), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
+                if errors:
+                    break
                 late = sorted(conns.values())
                 raise TimeoutError(f"rank(s) {late} did not finish within {timeout_s:g} s "
                                    "(a collective that not every rank calls waits forever)")
@@ -104,14 +113,20 @@ def run(fn: Callable, world_size: int, *args: Any, timeout_s: float = 60.0, stor
                     reply = conn.recv()
                 except EOFError:
                     code = procs[rank].join(5) or procs[rank].exitcode
-                    raise RuntimeError(f"rank {rank} died without a reply (exit code {code})") from None
+                    errors[rank] = RuntimeError(f"rank {rank} died without a reply (exit code {code})")
+                    deadline = min(deadline, time.monotonic() + 5)
+                    continue
                 if reply[0] == "error":
                     _, kind, message, where = reply
                     error = getattr(builtins, kind, RuntimeError)
                     if not (isinstance(error, type) and issubclass(error, Exception)):
                         error = RuntimeError
-                    raise error(f"rank {rank}: {message} {where}")
+                    errors[rank] = error(f"rank {rank}: {message} {where}")
+                    deadline = min(deadline, time.monotonic() + 5)  # the other ranks fail soon after it
+                    continue
                 results[rank] = torch.load(io.BytesIO(reply[1]), weights_only=True)
+        if errors:  # the cause, not the ranks that lost their peer because of it
+            raise next((e for e in errors.values() if not _peer_lost(str(e))), next(iter(errors.values())))
         return [results[r] for r in range(world_size)]
     finally:
         for p in procs:
