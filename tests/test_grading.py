@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
 
 from llmlab import course
 from llmlab.grading import pipeline, samples

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import io
-import json
 import math
 import re
 import shutil

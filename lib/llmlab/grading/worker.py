@@ -92,7 +92,6 @@ class Guard:
 
     def call(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """Run fn(*args, **kwargs) with the tripwires armed."""
-        import torch
         from torch.overrides import TorchFunctionMode
 
         funcs = self.torch_funcs
