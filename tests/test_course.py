@@ -95,3 +95,38 @@ def test_every_command_has_help():
     for cmd in ([], ["doctor"], ["assets"], ["release"], ["run"], ["grade"], ["course"]):
         proc = llmlab(*cmd, "--help")
         assert proc.returncode == 0 and "usage: llmlab" in proc.stdout, cmd
+
+
+@pytest.fixture
+def timed_course(tmp_path, monkeypatch):
+    """Two labs that log when they start and end (and the thread count their kernel got), and a third."""
+    code = nbformat.v4.new_code_cell
+    log = tmp_path / "log"
+    for lab in ("01-first", "02-second", "03-third"):
+        make_course(tmp_path, lab, [code("QUICK = False", metadata={"tags": ["parameters"]}),
+                                    code(f"import os, time\nopen({str(log)!r}, 'a').write(f'{lab} start {{time.time()}} "
+                                         f"{{os.environ.get(\"OMP_NUM_THREADS\")}}\\n')\ntime.sleep(2)\n"
+                                         f"open({str(log)!r}, 'a').write(f'{lab} end {{time.time()}} -\\n')")])
+    monkeypatch.setenv("LLMLAB_ROOT", str(tmp_path))
+    monkeypatch.setenv("LLMLAB_WORK", str(tmp_path / "work"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # run_all changes it; monkeypatch puts it back
+    return log
+
+
+def _log(log) -> dict:
+    return {(lab, what): (float(t), threads) for lab, what, t, threads in (line.split() for line in log.read_text().splitlines())}
+
+
+def test_run_all_runs_two_kernels_at_once_with_one_thread_each(timed_course):
+    seconds = course.run_all(jobs=2)
+    assert sorted(seconds) == ["01-first/first.ipynb", "02-second/second.ipynb", "03-third/third.ipynb"]
+    got = _log(timed_course)
+    assert {got[(lab, "start")][1] for lab in ("01-first", "02-second", "03-third")} == {"1"}
+    assert got[("02-second", "start")][0] < got[("01-first", "end")][0]  # the second began before the first ended
+
+
+def test_run_all_labs_wait_for_the_asset_they_need_and_a_failed_build_stops_them(timed_course):
+    with pytest.raises(course.CourseError, match="llmlab build no-such-asset failed: .*unknown asset"):
+        course.run_all(jobs=2, builds={"no-such-asset": "02-second"})
+    started = {lab for lab, what in _log(timed_course) if what == "start"} if timed_course.exists() else set()
+    assert "02-second" not in started and "03-third" not in started

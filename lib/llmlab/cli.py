@@ -212,17 +212,17 @@ def cmd_course(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     print("== assets")
-    cmd_build(argparse.Namespace(name=None, missing=True, quick=None, seed=None))
+    beside = {n: assets.get(n).needed_from for n in assets.missing() if assets.get(n).needed_from in course.labs()}
+    for name in [n for n in assets.missing() if n not in beside]:
+        began = time.perf_counter()
+        path = assets.build(name) if assets.get(name).builder else assets.fetch(name)
+        print(f"{name}: ready in {time.perf_counter() - began:.0f} s -> {path}")
     print("== release")
     for path in course.release() + [p for lang in i18n.LANGUAGES[1:] for p in course.release(lang=lang)]:
         print(f"released {path.relative_to(course.root())}")
-    print("== run (QUICK)")
-    timings = {}
-    for lab in course.labs():
-        for path in course.notebooks(lab):
-            result = course.run(path, {"QUICK": True}, progress=False)
-            timings[f"{lab}/{path.name}"] = result.seconds
-            print(f"{lab}/{path.name}: ok in {result.seconds:.1f} s")
+    print(f"== run (QUICK), {args.jobs} at once" + "".join(f"; {n} is built beside the labs before {lab}"
+                                                          for n, lab in beside.items()))
+    course.run_all(jobs=args.jobs, builds=beside)
     print("== grade sample submissions")
     failures = []
     tables = []
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("course", help="the main job: assets, release, run every lab (QUICK), grade samples")
     p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="notebooks (and asset builds) run at once, one torch thread each (default: 2, or 1 on one core)")
     p.set_defaults(func=cmd_course)
     return parser
 
