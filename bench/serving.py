@@ -6,13 +6,17 @@ Tables (greedy; end of sequence forbidden so that every run makes exactly the to
 1. the server against `model.generate` on the same model, threads and prompts, measured in
    alternation (`--rounds` times), so both see the same load: one stream (tokens/s of one
    request) and 8 at once (8 concurrent clients against a static batch of 8 left-padded prompts);
-2. float32 against int8 and int4 weights (`llmlab serve --quantize`): single-stream tokens/s
+2. float32 against int8 and int4 weights (`llmlab serve --quantize`) and w8a8 (int8 weights
+   and activations, `serve_quant.quantize_weights(model, "w8a8")`): single-stream tokens/s
    through the server, bytes of weights, held-out perplexity (Shakespeare's test plays) and
    its change;
 3. time to first token and inter-token latency, p50/p95, at 1, 8 and 32 streaming clients
    with --max-batch 8 (32 clients: 8 decode, the others wait in the queue);
-4. llama.cpp: not measured (llama-cpp-python builds from source for over 10 minutes; a row
-   for it belongs in a cached bench environment).
+4. llama.cpp on the GGUF the asset is converted from (Q4_1), through llama-cpp-python's own
+   OpenAI server (`python -m llama_cpp.server`, same threads), against the server in float32
+   and int4, in alternation: one stream and 8 concurrent clients (llama-cpp-python's server
+   runs one request at a time, so its 8 clients queue). Needs the cached bench venv that
+   `bench/llamacpp_venv.sh` builds once (10-30 minutes); without it the table says so.
 Every figure carries the 1-minute load average of the machine when it was taken: on a shared
 machine absolute figures move with the load; ratios taken in the same round are the fair ones.
 """
@@ -21,9 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import socket
 import statistics
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import torch
@@ -71,7 +78,7 @@ def stream_one(url: str, model_name: str, prompt: str, n: int, no_eos: dict) -> 
                 tokens = event["usage"]["completion_tokens"]
             elif event["choices"] and event["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-    return {"start": start, "times": times, "tokens": tokens}
+    return {"start": start, "times": times, "tokens": tokens or len(times)}  # no usage chunk: one token a piece
 
 
 def clients(url: str, model_name: str, count: int, n: int, no_eos: dict) -> tuple[float, list[dict]]:
@@ -88,7 +95,7 @@ def clients(url: str, model_name: str, count: int, n: int, no_eos: dict) -> tupl
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    assert all(r["tokens"] == n for r in results), [r.get("tokens") for r in results]
+    assert all(r["tokens"] >= n - 1 for r in results), [r.get("tokens") for r in results]
     return count * n / wall, results
 
 
@@ -106,6 +113,33 @@ def server(model, tokenizer, name: str, batch: int) -> serve.BackgroundServer:
     return serve.BackgroundServer(serve.create_app(model, tokenizer, config))
 
 
+def llamacpp(threads: int, name: str) -> subprocess.Popen | str:
+    """llama-cpp-python's OpenAI server on the cached GGUF (a started process), or why not."""
+    venv = Path(os.environ.get("LLMLAB_HOME", Path.home() / ".cache/llmlab"))
+    python, gguf = venv / "bench-venv/bin/python", venv / "bench-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not python.exists() or not gguf.exists():
+        return "not built: run bench/llamacpp_venv.sh once (compiles llama.cpp, 10-30 minutes)"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
+                             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    for _ in range(600):
+        try:
+            if httpx.get(f"{proc.url}/v1/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            return f"llama_cpp.server exited with {proc.returncode}"
+        time.sleep(0.1)
+    proc.kill()
+    return "llama_cpp.server did not start within 60 s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -113,6 +147,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request in table 3")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of server and HF generate")
+    parser.add_argument("--tables", default="1234", help="which tables to print, e.g. 14")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for the perplexity")
     args = parser.parse_args()
     threads = runtime.set_threads(args.threads)
@@ -124,12 +159,24 @@ def main() -> None:
     print(f"{name}: float32, {threads} threads, torch {torch.__version__}, {os.cpu_count()} cores, "
           f"{load()} at start\n")
 
+    if "1" in args.tables:
+        table_1(model, tokenizer, name, n, args.rounds, no_eos)
+    if "2" in args.tables:
+        table_2(model, tokenizer, name, n, args.ppl_tokens, no_eos)
+    if "3" in args.tables:
+        table_3(model, tokenizer, name, args.max_tokens, no_eos)
+    if "4" in args.tables:
+        table_4(model, tokenizer, name, n, args.rounds, threads, no_eos)
+
+
+def table_1(model, tokenizer, name: str, n: int, rounds: int, no_eos: dict) -> None:
+    """The server against HF generate, alternating, one stream and 8 at once."""
     print(f"== 1. server vs HF model.generate, {n} new tokens per request (greedy)")
     print(f"{'round':>5} {'':<12} {'HF generate':>12} {'server':>10} {'ratio':>7}")
     with server(model, tokenizer, name, 8) as running:
         stream_one(running.url, name, PROMPTS[0], 4, no_eos)  # warm-up
         hf_generate(model, tokenizer, PROMPTS[:1], 4)
-        for r in range(args.rounds):
+        for r in range(rounds):
             hf1 = hf_generate(model, tokenizer, PROMPTS[:1], n)
             one = stream_one(running.url, name, PROMPTS[0], n, no_eos)
             s1 = one["tokens"] / (one["times"][-1] - one["start"])
@@ -139,11 +186,14 @@ def main() -> None:
             print(f"{r + 1:>5} {'8 at once':<12} {hf8:9.1f} t/s {s8:6.1f} t/s {s8 / hf8:6.2f}x  ({load()})")
     print()
 
+
+def table_2(model, tokenizer, name: str, n: int, ppl_tokens: int, no_eos: dict) -> None:
+    """float32, int8, int4 and w8a8 weights: tokens/s, bytes, held-out perplexity."""
     print(f"== 2. weights: float32, int8, int4 (server, 1 stream, {n} tokens; perplexity on "
-          f"{args.ppl_tokens} held-out tokens)")
-    held_out = quant.token_ids(tokenizer, data.lm_corpus("shakespeare")["test"], args.ppl_tokens)
+          f"{ppl_tokens} held-out tokens)")
+    held_out = quant.token_ids(tokenizer, data.lm_corpus("shakespeare")["test"], ppl_tokens)
     rows = []
-    for kind in ("float32", "int8", "int4"):
+    for kind in ("float32", "int8", "int4", "w8a8"):
         m = model if kind == "float32" else quantize_weights(copy.deepcopy(model), kind)
         with server(m, tokenizer, name, 8) as running:
             stream_one(running.url, name, PROMPTS[0], 4, no_eos)
@@ -159,19 +209,50 @@ def main() -> None:
               f"{(ppl - base[3]) / base[3]:+8.2%}  ({when})")
     print()
 
-    print(f"== 3. latency, streaming chat requests of {args.max_tokens} tokens, --max-batch 8")
+
+def table_3(model, tokenizer, name: str, max_tokens: int, no_eos: dict) -> None:
+    """TTFT and inter-token latency at 1, 8 and 32 clients."""
+    print(f"== 3. latency, streaming chat requests of {max_tokens} tokens, --max-batch 8")
     print(f"{'clients':>7} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>9} {'p95':>7} {'tokens/s':>9}")
     with server(model, tokenizer, name, 8) as running:
         stream_one(running.url, name, PROMPTS[0], 4, no_eos)
         for count in (1, 8, 32):
-            rate, results = clients(running.url, name, count, args.max_tokens, no_eos)
+            rate, results = clients(running.url, name, count, max_tokens, no_eos)
             ttft = [r["times"][0] - r["start"] for r in results]
             itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
             (t50, t95), (i50, i95) = quantiles(ttft), quantiles(itl)
             print(f"{count:>7} {t50:8.2f}s {t95:6.2f}s {i50 * 1e3:7.0f}ms {i95 * 1e3:5.0f}ms {rate:9.1f}  ({load()})")
     print()
-    print("== 4. llama.cpp: not measured (llama-cpp-python compiles llama.cpp from source, over 10 minutes; "
-          "not built here)")
+
+
+def table_4(model, tokenizer, name: str, n: int, rounds: int, threads: int, no_eos: dict) -> None:
+    """llama.cpp's server against ours (float32 and int4), alternating."""
+    print(f"== 4. llama.cpp (Q4_1 GGUF, llama-cpp-python's server, {threads} threads) vs the server, "
+          f"{n} new tokens per request")
+    peer = llamacpp(threads, name)
+    if isinstance(peer, str):
+        print(f"llama.cpp: {peer}")
+        return
+    int4 = quantize_weights(copy.deepcopy(model), "int4")
+    print(f"{'round':>5} {'':<12} {'llama.cpp':>10} {'fp32':>10} {'vs':>6} {'int4':>10} {'vs':>6}")
+    try:
+        with server(model, tokenizer, name, 8) as fp32, server(int4, tokenizer, name, 8) as q4:
+            for url in (peer.url, fp32.url, q4.url):
+                stream_one(url, name, PROMPTS[0], 4, no_eos)  # warm-up
+            for r in range(rounds):
+                rates = []
+                for url in (peer.url, fp32.url, q4.url):
+                    one = stream_one(url, name, PROMPTS[0], n, no_eos)
+                    rates.append(one["tokens"] / (one["times"][-1] - one["start"]))
+                lc, f, q = rates
+                print(f"{r + 1:>5} {'1 stream':<12} {lc:6.1f} t/s {f:6.1f} t/s {f / lc:5.2f}x {q:6.1f} t/s "
+                      f"{q / lc:5.2f}x  ({load()})")
+                lc, f, q = (clients(url, name, 8, n, no_eos)[0] for url in (peer.url, fp32.url, q4.url))
+                print(f"{r + 1:>5} {'8 at once':<12} {lc:6.1f} t/s {f:6.1f} t/s {f / lc:5.2f}x {q:6.1f} t/s "
+                      f"{q / lc:5.2f}x  ({load()})")
+    finally:
+        peer.terminate()
+        peer.wait()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def server(course):
 def slow_server():
     """A server whose every forward pass takes >= 40 ms: 2 batch slots, 1 queue slot, a 1 s deadline."""
     model, tok = load()
-    model.register_forward_pre_hook(lambda module, args: time.sleep(0.04))
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: time.sleep(0.04))  # every forward
     config = serve.ServerConfig(model_name=MODEL, max_tokens=48, max_batch=2, max_queue=1, timeout_s=1.0)
     with serve.BackgroundServer(serve.create_app(model, tok, config)) as running:
         yield running
@@ -335,7 +335,7 @@ def test_the_deadline_does_not_count_the_queue(course):
     """One slot, 2 s generation deadline: the 4th request waits for three others, longer than the
     deadline in all, and still gets its answer (each ran well within the deadline)."""
     model, tok = load()
-    model.register_forward_pre_hook(lambda module, args: time.sleep(0.04))
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: time.sleep(0.04))  # every forward
     config = serve.ServerConfig(model_name=MODEL, max_tokens=48, max_batch=1, max_queue=3, timeout_s=2.0)
     body = {"model": MODEL, "prompt": "KING.", "max_tokens": 15, "temperature": 0}
     latencies: dict[int, float] = {}

@@ -214,6 +214,11 @@ class Decoder:
         return out.logits.float()
 
 
+    def next_logits(self, input_ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None = None) -> Tensor:
+        """Float32 logits (B, V) of the last position (what sampling needs), as `forward` takes its inputs."""
+        return self.forward(input_ids, cache, attention_mask)[:, -1]
+
+
 def as_decoder(model: "Decoder | GPT | transformers.PreTrainedModel") -> Decoder:
     """`model` itself when it is a Decoder, else a Decoder around it."""
     return model if isinstance(model, Decoder) else Decoder(model)

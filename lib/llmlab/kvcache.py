@@ -21,12 +21,18 @@ class KVCache:
     the last positions (speculative decoding rejects drafts), `select` keeps some rows (a
     finished request leaves the batch) and `cat` stacks caches of different lengths by
     left-padding the shorter ones (a request joins a running batch).
+
+    Appending writes in place: each layer's keys and values are the first L positions of a
+    larger buffer, so a decoding step copies only its new position instead of the whole past
+    (a `torch.cat` per layer per step). A buffer that is full grows by half its length; every
+    operation that replaces the tensors (`crop`, `select`, `pad_left`, ...) lets it go.
     """
 
     def __init__(self):
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.mask: Tensor | None = None  # (B, L) long
+        self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (keys, values) (B, H, capacity, d)
 
     def __len__(self) -> int:
         """Number of positions held (padding included)."""
@@ -40,7 +46,7 @@ class KVCache:
         """The same tensors in new lists: extending the copy leaves this cache as it is."""
         out = KVCache()
         out.keys, out.values, out.mask = list(self.keys), list(self.values), self.mask
-        return out
+        return out  # without buffers: the copy's appends allocate its own
 
     @property
     def batch_size(self) -> int:
@@ -57,19 +63,30 @@ class KVCache:
         if layer == len(self.keys):
             self.keys.append(k)
             self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=-2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=-2)
+            return k, v
+        past, T = self.keys[layer].size(-2), k.size(-2)
+        buffers = self._buffers.get(layer)
+        if buffers is None or buffers[0].size(-2) < past + T:
+            capacity = past + T + max(64, (past + T) // 2)
+            buffers = tuple(x.new_empty(*x.shape[:-2], capacity, x.size(-1)) for x in (k, v))
+            buffers[0][..., :past, :].copy_(self.keys[layer])
+            buffers[1][..., :past, :].copy_(self.values[layer])
+            self._buffers[layer] = buffers
+        buffers[0][..., past:past + T, :].copy_(k)
+        buffers[1][..., past:past + T, :].copy_(v)
+        self.keys[layer], self.values[layer] = buffers[0][..., :past + T, :], buffers[1][..., :past + T, :]
         return self.keys[layer], self.values[layer]
 
     def set_layers(self, keys: list[Tensor], values: list[Tensor]) -> None:
         """Replace every layer's keys and values (B, H, L, d) at once (read back from a model's own cache)."""
         self.keys, self.values = list(keys), list(values)
+        self._buffers = {}
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions."""
         self.keys = [k[..., :length, :] for k in self.keys]
         self.values = [v[..., :length, :] for v in self.values]
+        self._buffers = {}
         if self.mask is not None:
             self.mask = self.mask[:, :length]
 
@@ -78,6 +95,7 @@ class KVCache:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
+        self._buffers = {}
         self.mask = self.mask[rows]
         if self.mask.size(0):
             leading = int((self.mask.sum(0) > 0).long().argmax())  # first position some row uses
@@ -88,6 +106,7 @@ class KVCache:
         """Drop the first `n` positions (padding in every row)."""
         self.keys = [k[..., n:, :] for k in self.keys]
         self.values = [v[..., n:, :] for v in self.values]
+        self._buffers = {}
         self.mask = self.mask[:, n:]
 
     def pad_left(self, n: int) -> None:
@@ -96,6 +115,7 @@ class KVCache:
             return
         self.keys = [F.pad(k, (0, 0, n, 0)) for k in self.keys]
         self.values = [F.pad(v, (0, 0, n, 0)) for v in self.values]
+        self._buffers = {}
         self.mask = F.pad(self.mask, (n, 0))
 
     @staticmethod

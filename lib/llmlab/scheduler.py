@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmlab.generate import Decoder, KVCache, SamplingParams, TextStream, left_pad, sample
+from llmlab.generate import KVCache, SamplingParams, TextStream, left_pad, sample
 from llmlab.openai_api import APIError
+from llmlab.serve_model import serving_decoder
 
 if TYPE_CHECKING:
     import transformers
@@ -169,7 +170,7 @@ class Scheduler:
     """
 
     def __init__(self, model: Any, tokenizer: "transformers.PreTrainedTokenizerBase", config: "ServerConfig"):
-        self.decoder = Decoder(model)
+        self.decoder = serving_decoder(model)
         self.tokenizer = tokenizer
         self.config = config
         self.metrics = Metrics()
@@ -314,7 +315,7 @@ class Scheduler:
         ids = torch.tensor([row.job.prompt_ids[row.prefilled:row.prefilled + n]], device=self.decoder.device)
         start = time.perf_counter()
         try:
-            logits = self.decoder.forward(ids, row.cache)[0, -1]  # (V,)
+            logits = self.decoder.next_logits(ids, row.cache)[0]  # (V,)
         except Exception as e:  # noqa: BLE001 — this job fails, the batch goes on
             self.prefilling.pop(0)
             self._send(row.job, "error", _failed(e))
@@ -340,7 +341,7 @@ class Scheduler:
         input_ids, attention_mask = left_pad([r.job.prompt_ids for r in rows])
         cache = KVCache()
         try:
-            logits = self.decoder.forward(input_ids, cache, attention_mask)[:, -1]  # (k, V)
+            logits = self.decoder.next_logits(input_ids, cache, attention_mask)  # (k, V)
         except Exception as e:  # noqa: BLE001 — these jobs fail, the batch goes on
             for row in rows:
                 self._send(row.job, "error", _failed(e))
@@ -368,7 +369,7 @@ class Scheduler:
             return
         last = torch.tensor([[row.last] for row in self.running], device=self.decoder.device)  # (B, 1)
         start = time.perf_counter()
-        logits = self.decoder.forward(last, self.cache)[:, -1]  # (B, V)
+        logits = self.decoder.next_logits(last, self.cache)  # (B, V)
         self.step_s = _average(self.step_s, time.perf_counter() - start)
         self.metrics.add("decode_steps")
         tokens = self._next_tokens(self.running, logits)
