@@ -12,21 +12,12 @@ VERSION="${LLAMACPP_VERSION:-0.3.36}"
 GGUF_DIR="$HOME_DIR/bench-gguf"
 GGUF="$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # lib/llmlab/assets.py
-# llama.cpp's native build (-march=native) compiles its AMX kernels on CPUs that report AMX; in a
-# VM that does not grant the AMX tile state (as here) their first matmul segfaults. So: the
-# native ISA up to AVX-512 VNNI/BF16, without AMX. Override with CMAKE_ARGS.
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-  -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
-  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"
-if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import llama_cpp.server.app" 2>/dev/null \
-       && [ -f "$VENV/.built-without-amx" ]; }; then
+if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import llama_cpp.server.app" 2>/dev/null; }; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # One compile job at a time and a low priority: the machine is shared.
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-1}" \
-    nice -n 10 "$VENV/bin/python" -m pip install --verbose --no-cache-dir --force-reinstall \
-    "llama-cpp-python[server]==$VERSION" >&2
-  touch "$VENV/.built-without-amx"
+    nice -n 10 "$VENV/bin/python" -m pip install --verbose --no-cache-dir "llama-cpp-python[server]==$VERSION" >&2
 fi
 if [ ! -f "$GGUF" ]; then
   mkdir -p "$GGUF_DIR"

@@ -13,7 +13,7 @@ Tables (greedy; end of sequence forbidden so that every run makes exactly the to
 3. time to first token and inter-token latency, p50/p95, at 1, 8 and 32 streaming clients
    with --max-batch 8 (32 clients: 8 decode, the others wait in the queue);
 4. llama.cpp on the GGUF the asset is converted from (Q4_1), through llama-cpp-python's own
-   OpenAI server (`python -m llama_cpp.server`, same threads), against the server in float32
+   OpenAI server (`python -m llama_cpp.server`, same threads, see LLAMACPP_SERVER), against the server in float32
    and int4, in alternation: one stream and 8 concurrent clients (llama-cpp-python's server
    runs one request at a time, so its 8 clients queue). Needs the cached bench venv that
    `bench/llamacpp_venv.sh` builds once (10-30 minutes); without it the table says so.
@@ -113,6 +113,23 @@ def server(model, tokenizer, name: str, batch: int) -> serve.BackgroundServer:
     return serve.BackgroundServer(serve.create_app(model, tokenizer, config))
 
 
+# `python -m llama_cpp.server` with llama.cpp's extra buffer types off (llama-server's
+# --no-extra-bufts): on a CPU that reports AMX inside a VM that does not grant its tile state
+# (this one), ggml's AMX matmul segfaults at the first token; the AVX-512 kernels then run.
+LLAMACPP_SERVER = """
+import runpy, sys
+import llama_cpp.llama_cpp as C
+default = C.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+C.llama_model_default_params = params
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 def llamacpp(threads: int, name: str) -> subprocess.Popen | str:
     """llama-cpp-python's OpenAI server on the cached GGUF (a started process), or why not."""
     venv = Path(os.environ.get("LLMLAB_HOME", Path.home() / ".cache/llmlab"))
@@ -122,7 +139,7 @@ def llamacpp(threads: int, name: str) -> subprocess.Popen | str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
+    proc = subprocess.Popen([str(python), "-c", LLAMACPP_SERVER, "--model", str(gguf), "--model_alias", name,
                              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
                              "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,7 +179,7 @@ def main() -> None:
     if "1" in args.tables:
         table_1(model, tokenizer, name, n, args.rounds, no_eos)
     if "2" in args.tables:
-        table_2(model, tokenizer, name, n, args.ppl_tokens, no_eos)
+        table_2(model, tokenizer, name, n, args.ppl_tokens, args.rounds, no_eos)
     if "3" in args.tables:
         table_3(model, tokenizer, name, args.max_tokens, no_eos)
     if "4" in args.tables:
@@ -187,26 +204,32 @@ def table_1(model, tokenizer, name: str, n: int, rounds: int, no_eos: dict) -> N
     print()
 
 
-def table_2(model, tokenizer, name: str, n: int, ppl_tokens: int, no_eos: dict) -> None:
-    """float32, int8, int4 and w8a8 weights: tokens/s, bytes, held-out perplexity."""
-    print(f"== 2. weights: float32, int8, int4 (server, 1 stream, {n} tokens; perplexity on "
-          f"{ppl_tokens} held-out tokens)")
+def table_2(model, tokenizer, name: str, n: int, ppl_tokens: int, rounds: int, no_eos: dict) -> None:
+    """float32, int8, int4 and w8a8 weights: bytes, held-out perplexity, tokens/s in alternation."""
+    kinds = ("float32", "int8", "int4", "w8a8")
+    print(f"== 2. weights: {', '.join(kinds)} (server, 1 stream, {n} tokens, the four in alternation "
+          f"{rounds} times; perplexity on {ppl_tokens} held-out tokens)")
     held_out = quant.token_ids(tokenizer, data.lm_corpus("shakespeare")["test"], ppl_tokens)
-    rows = []
-    for kind in ("float32", "int8", "int4", "w8a8"):
-        m = model if kind == "float32" else quantize_weights(copy.deepcopy(model), kind)
-        with server(m, tokenizer, name, 8) as running:
-            stream_one(running.url, name, PROMPTS[0], 4, no_eos)
-            one = stream_one(running.url, name, PROMPTS[0], n, no_eos)
-        rate = one["tokens"] / (one["times"][-1] - one["start"])
-        ppl = evaluate.perplexity(m, held_out, 256, 8)
-        rows.append((kind, quant.model_bytes(m), rate, ppl, load()))
-        del m
-    base = rows[0]
-    print(f"{'weights':<8} {'MB':>7} {'tokens/s':>9} {'vs fp32':>8} {'perplexity':>11} {'change':>8}")
-    for kind, size, rate, ppl, when in rows:
-        print(f"{kind:<8} {size / 1e6:7.1f} {rate:9.1f} {rate / base[2]:7.2f}x {ppl:11.3f} "
-              f"{(ppl - base[3]) / base[3]:+8.2%}  ({when})")
+    models = {k: model if k == "float32" else quantize_weights(copy.deepcopy(model), k) for k in kinds}
+    ppl = {k: evaluate.perplexity(m, held_out, 256, 8) for k, m in models.items()}
+    print(f"{'weights':<8} {'MB':>7} {'perplexity':>11} {'change':>8}")
+    for k, m in models.items():
+        print(f"{k:<8} {quant.model_bytes(m) / 1e6:7.1f} {ppl[k]:11.3f} {(ppl[k] - ppl['float32']) / ppl['float32']:+8.2%}")
+    print(f"{'round':>5} " + " ".join(f"{k:>14}" for k in kinds))
+    servers = [server(m, tokenizer, name, 8) for m in models.values()]
+    try:
+        for s in servers:
+            s.start()
+            stream_one(s.url, name, PROMPTS[0], 4, no_eos)  # warm-up
+        for r in range(rounds):
+            rates = []
+            for s in servers:
+                one = stream_one(s.url, name, PROMPTS[0], n, no_eos)
+                rates.append(one["tokens"] / (one["times"][-1] - one["start"]))
+            print(f"{r + 1:>5} " + " ".join(f"{x:5.1f} t/s {x / rates[0]:4.2f}x" for x in rates) + f"  ({load()})")
+    finally:
+        for s in servers:
+            s.stop()
     print()
 
 

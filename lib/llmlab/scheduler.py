@@ -284,15 +284,17 @@ class Scheduler:
             generator = None if job.seed is None else torch.Generator().manual_seed(job.seed & (2**64 - 1))
             self.prefilling.append(_Row(job, TextStream(self.tokenizer, job.stop), generator))
 
-    def _chunk_size(self, row: _Row) -> int:
-        """Prompt tokens for the next chunk: what costs about one decode step while others decode."""
-        left = len(row.job.prompt_ids) - row.prefilled
-        if not self.config.chunked_prefill:
-            return left
+    def _chunk_budget(self) -> int:
+        """Prompt tokens one prefill pass may take: what costs about one decode step while others decode."""
         limit = self.config.prefill_chunk
         if self.running and self.step_s and self.prefill_tps:
             limit = min(limit, max(32, int(self.step_s * self.prefill_tps)))  # a floor: a forward has a fixed cost
-        return min(left, limit)
+        return limit
+
+    def _chunk_size(self, row: _Row) -> int:
+        """Prompt tokens of `row` for its next chunk (all that is left without chunked prefill)."""
+        left = len(row.job.prompt_ids) - row.prefilled
+        return min(left, self._chunk_budget()) if self.config.chunked_prefill else left
 
     def _prefill_chunk(self) -> None:
         """Prefill the next chunk of the oldest admitted prompt; a prompt done draws its first token."""
@@ -302,11 +304,12 @@ class Scheduler:
             self.metrics.left_batch()
             return
         n = self._chunk_size(row)
-        if row.prefilled == 0 and not self.running:  # nobody waits on a step: whole short prompts together
+        if row.prefilled == 0:  # whole short prompts together, within one chunk's budget (a burst of requests)
+            budget = self._chunk_budget() if self.config.chunked_prefill else self.config.prefill_chunk
             fits, total = [], 0
             for r in self.prefilling:
                 total += len(r.job.prompt_ids)
-                if r.prefilled or r.job.cancelled or total > self.config.prefill_chunk:
+                if r.prefilled or r.job.cancelled or total > budget:
                     break
                 fits.append(r)
             if len(fits) > 1:
@@ -340,12 +343,14 @@ class Scheduler:
             self.prefilling.remove(row)
         input_ids, attention_mask = left_pad([r.job.prompt_ids for r in rows])
         cache = KVCache()
+        start = time.perf_counter()
         try:
             logits = self.decoder.next_logits(input_ids, cache, attention_mask)  # (k, V)
         except Exception as e:  # noqa: BLE001 — these jobs fail, the batch goes on
             for row in rows:
                 self._send(row.job, "error", _failed(e))
             return
+        self.prefill_tps = _average(self.prefill_tps, input_ids.numel() / max(time.perf_counter() - start, 1e-6))
         self.metrics.add("prefill_chunks")
         tokens = self._next_tokens(rows, logits)
         keep = []
