@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab import align, assets, data
+from llmlab import align, assets, problems
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_dpo_matches_trl_dpo_trainer_on_the_same_batch(tokenizer, tmp_path):
     with torch.no_grad():  # the policy has moved away from the reference
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    pairs = data.preference_pairs(4, "train")
+    pairs = problems.preference_pairs(4, "train")
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
     args = DPOConfig(output_dir=str(tmp_path), beta=0.3, per_device_train_batch_size=4, report_to=[], use_cpu=True,
@@ -149,7 +149,7 @@ def test_dpo_matches_trl_dpo_trainer_on_the_same_batch(tokenizer, tmp_path):
 def test_train_dpo_raises_the_margin_on_its_pairs(tokenizer):
     model = tiny_llama(tokenizer)
     align.add_adapters(model, r=4, lora_alpha=8)
-    pairs = data.preference_pairs(4, "train")
+    pairs = problems.preference_pairs(4, "train")
     before = align.evaluate_dpo(model, tokenizer, pairs)
     assert before["margin"] == 0 and before["kl"] == pytest.approx(0, abs=1e-9)  # B = 0: policy == reference
     history = align.train_dpo(model, tokenizer, pairs, align.DPOConfig(steps=8, batch_size=4, lr=5e-3))
@@ -200,10 +200,10 @@ def test_kl_estimate_is_nonnegative_and_zero_only_at_the_reference():
 def test_train_grpo_runs_and_reports_reward_loss_and_kl(tokenizer):
     model = tiny_llama(tokenizer)
     align.add_adapters(model, r=2, lora_alpha=4)
-    problems = data.word_problems(4, "train")
+    items = problems.word_problems(4, "train")
     reward = lambda text, p: float(len(text) % 2)  # noqa: E731 — anything a program decides
-    cfg = align.GRPOConfig(steps=2, prompts_per_step=2, group_size=3, max_new_tokens=6, lr=1e-2)
-    history = align.train_grpo(model, tokenizer, problems, reward, cfg)
+    cfg = align.GRPOConfig(steps=2, prompts_per_step=2, group_size=3, max_new_tokens=6, lr=1e-2, prefix="The answer is")
+    history = align.train_grpo(model, tokenizer, items, reward, cfg)
     assert len(history["reward"]) == 2 and all(k >= 0 for k in history["kl"])
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in align.lora.lora_layers(model).values()), \
         "rewards that differ within a group move the adapters"
@@ -225,3 +225,37 @@ def test_sample_masks_the_completion_through_its_end_of_turn(tokenizer):
     assert batch.input_ids.shape[0] == 3 and len(texts) == 3
     prompt_len = batch.input_ids.shape[1] - 5
     assert batch.response_mask[:, :prompt_len].sum() == 0 and (batch.response_mask[:, prompt_len:].sum(1) >= 1).all()
+
+
+def test_a_prefix_ends_the_prompt_and_stays_out_of_the_sampled_text(tokenizer):
+    model = tiny_llama(tokenizer)
+    plain, _ = align.chat_prompts(tokenizer, ["What is 2 plus 2?"], "Answer briefly.")
+    ids, _ = align.chat_prompts(tokenizer, ["What is 2 plus 2?"], "Answer briefly.", prefix="The answer is")
+    start = tokenizer("The answer is", add_special_tokens=False)["input_ids"]
+    assert ids[0, -len(start):].tolist() == start and torch.equal(ids[:, :plain.shape[1]], plain)
+    torch.manual_seed(0)
+    batch, texts = align.sample(model, tokenizer, ["What is 2 plus 2?"], 2, max_new_tokens=4, system="Answer briefly.",
+                                prefix="The answer is")
+    assert batch.response_mask[:, :ids.shape[1]].sum() == 0, "the given prefix is not a sampled token"
+    assert batch.input_ids.shape[1] == ids.shape[1] + 4 and len(texts) == 2
+
+
+def test_adapter_states_swap_policies_on_one_model(tokenizer):
+    model = tiny_llama(tokenizer)
+    align.add_adapters(model, r=2, lora_alpha=4)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    fresh = align.adapter_state(model)
+    reference = model(input_ids=ids).logits
+    with torch.no_grad():
+        for layer in align.lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    tuned = align.adapter_state(model)
+    moved = model(input_ids=ids).logits
+    assert not torch.allclose(moved, reference)
+    align.load_adapter_state(model, fresh)
+    assert torch.allclose(model(input_ids=ids).logits, reference), "the fresh state is the reference again"
+    with align.using_adapters(model, tuned):
+        assert torch.allclose(model(input_ids=ids).logits, moved)
+    assert torch.allclose(model(input_ids=ids).logits, reference), "the block restores the state it found"
+    with pytest.raises(ValueError):
+        align.load_adapter_state(model, {"nope": torch.zeros(1)})

@@ -145,3 +145,19 @@ def test_to_messages():
     episode = data.tool_episodes(1)[0]
     msgs = data.to_messages(episode, system=data.REACT_FORMAT)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"] and msgs[2]["content"] == episode["transcript"]
+
+
+def test_lab7_sets_hold_out_whole_questions_and_goals():
+    from llmlab import problems
+
+    train, test = problems.word_problems(300, "train"), problems.word_problems(100, "test")
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert {p["kind"] for p in test} == {"pick", "total"}
+    for p in test:
+        if p["kind"] == "pick":  # the answer is one of the question's two quantities
+            assert p["answer"] in p["question"], p
+    pairs_train, pairs_test = problems.preference_pairs(200, "train"), problems.preference_pairs(60, "test")
+    assert not {p["group"] for p in pairs_train} & {p["group"] for p in pairs_test}
+    assert not {p["prompt"] for p in pairs_test} & {p["question"] for p in train}
+    goals = {s["goal"] for s in problems.safety_prompts("test")}
+    assert goals and not goals & {s["goal"] for s in problems.safety_prompts("train")}

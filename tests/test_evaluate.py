@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from llmlab import assets, data, evaluate
+from llmlab import assets, evaluate, problems
 
 
 # ----------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def test_exact_match_is_whole_answer_matching():
 
 
 def test_every_word_problem_is_verified_by_its_own_answer_and_not_a_neighbour():
-    for p in data.word_problems(60, "train") + data.word_problems(30, "test"):
+    for p in problems.word_problems(60, "train") + problems.word_problems(30, "test"):
         assert evaluate.verify(f"The answer is {p['answer']}.", p["answer"])
         wrong = p["answer"].replace(p["answer"].strip("$ abcdefghijklmnopqrstuvwxyz"),
                                     str(int(p["answer"].strip("$ abcdefghijklmnopqrstuvwxyz")) + 1))
@@ -157,7 +157,7 @@ def test_continuation_logprobs_equal_a_direct_forward(smollm2):
 
 def test_multiple_choice_beats_chance_on_colour_and_opposite_items(smollm2):
     model, tok = smollm2
-    items = [q for q in data.choice_questions(40, "test") if "plus" not in q["context"]][:16]
+    items = [q for q in problems.choice_questions(40, "test") if "plus" not in q["context"]][:16]
     scores = evaluate.multiple_choice(model, tok, items)
     assert scores["acc"].accuracy > 0.4, scores  # chance is 0.25
     assert len(scores["acc_norm"].correct) == len(items)

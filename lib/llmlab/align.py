@@ -2,8 +2,9 @@
 
 Everything is written against plain tensors first (log-probs, rewards, masks), then small
 loops put those pieces around a Hugging Face causal LM with LoRA adapters from `llmlab.lora`.
-The reference model is the frozen base: the policy is the same model plus adapters, so one
-`reference_logprobs` call with the adapters switched off gives the reference's numbers.
+The reference model is the frozen base: the policy is the same model plus adapters, so the
+reference's numbers come from the same model with its adapters switched off (`adapters_off`),
+and several policies (DPO, SFT, GRPO) are adapter states on one base (`using_adapters`).
 
     batch = encode(tokenizer, prompts, responses)               # right-padded chat sequences
     logps = sequence_logprobs(model(**batch.inputs).logits, batch.input_ids, batch.response_mask)
@@ -111,6 +112,31 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
             layer.scaling = s
 
 
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the model's adapter weights (lora_A, lora_B): one policy, kept while the same base trains another."""
+    return {k: v.detach().clone() for k, v in lora.lora_state_dict(model).items()}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy adapter weights from `adapter_state` back into the model's LoRA parameters, in place."""
+    if set(state) != set(lora.lora_state_dict(model)):
+        raise ValueError("the adapter state does not fit this model's LoRA layers")
+    with torch.no_grad():
+        for k, v in lora.lora_state_dict(model).items():
+            v.copy_(state[k])
+
+
+@contextlib.contextmanager
+def using_adapters(model: nn.Module, state: dict[str, Tensor]) -> Iterator[nn.Module]:
+    """Inside the block the model computes with the adapters `state` (one policy of several on one base)."""
+    saved = adapter_state(model)
+    load_adapter_state(model, state)
+    try:
+        yield model
+    finally:
+        load_adapter_state(model, saved)
+
+
 def model_logprobs(model: nn.Module, batch: Batch, average: bool = False,
                    logprob_fn: Callable = sequence_logprobs) -> Tensor:
     """(B,) response log-probs of `batch` under `model` (gradients flow when enabled)."""
@@ -138,8 +164,9 @@ def response_features(model: nn.Module, batch: Batch, batch_size: int = 16) -> T
     out = []
     for i in range(0, len(batch.input_ids), batch_size):
         part = Batch(*(t[i:i + batch_size] for t in (batch.input_ids, batch.attention_mask, batch.response_mask)))
-        hidden = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                       output_hidden_states=True).hidden_states[-1].float()  # (b, T, H)
+        # the transformer without its LM head (a fifth of the compute at this size, and not needed)
+        hidden = model.base_model(input_ids=part.input_ids,
+                                  attention_mask=part.attention_mask).last_hidden_state.float()  # (b, T, H)
         out.append(lora.mean_pool(hidden, part.response_mask))
     return torch.cat(out)
 
@@ -353,6 +380,7 @@ class GRPOConfig:
     temperature: float = 1.0
     seed: int = 0
     system: str | None = "Answer briefly."
+    prefix: str = ""  # the start of every reply, written for the model ("The answer is"); not sampled, not scored
 
     def __post_init__(self):
         for name in ("group_size", "prompts_per_step", "steps", "max_new_tokens"):
@@ -368,13 +396,15 @@ class GRPOConfig:
 
 
 def chat_prompts(tokenizer: "transformers.PreTrainedTokenizerBase", questions: Sequence[str],
-                 system: str | None = None) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids and attention mask (what generation needs) ending with the assistant header."""
+                 system: str | None = None, prefix: str = "") -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and attention mask (what generation needs) ending with the assistant header
+    and, when given, the first words of the reply (`prefix`), so the model continues from them."""
+    start = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     rows = []
     for q in questions:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-        rows.append(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
+        rows.append(list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                       return_dict=True)["input_ids"]) + start)
     T = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
@@ -387,13 +417,14 @@ def chat_prompts(tokenizer: "transformers.PreTrainedTokenizerBase", questions: S
 @torch.no_grad()
 def sample(model: nn.Module, tokenizer: "transformers.PreTrainedTokenizerBase", questions: Sequence[str],
            n: int, max_new_tokens: int, temperature: float = 1.0, system: str | None = None,
-           greedy: bool = False) -> tuple[Batch, list[str]]:
+           greedy: bool = False, prefix: str = "") -> tuple[Batch, list[str]]:
     """n completions per question (consecutive), as a Batch over prompt + completion and their texts.
 
-    The completion mask covers the sampled tokens up to and including the first end-of-turn token.
+    The completion mask covers the sampled tokens up to and including the first end-of-turn token;
+    a `prefix` (the reply's given first words) is part of the prompt, not of the texts.
     """
     device = next(model.parameters()).device
-    ids, mask = chat_prompts(tokenizer, questions, system)
+    ids, mask = chat_prompts(tokenizer, questions, system, prefix)
     ids, mask = ids.repeat_interleave(n, 0).to(device), mask.repeat_interleave(n, 0).to(device)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
@@ -426,17 +457,21 @@ def train_grpo(model: nn.Module, tokenizer: "transformers.PreTrainedTokenizerBas
         chosen = [problems[int(i)] for i in torch.randperm(len(problems), generator=gen)[:cfg.prompts_per_step]]
         model.eval()
         batch, texts = sample(model, tokenizer, [p["question"] for p in chosen], cfg.group_size,
-                              cfg.max_new_tokens, cfg.temperature, cfg.system)
+                              cfg.max_new_tokens, cfg.temperature, cfg.system, prefix=cfg.prefix)
         rewards = torch.tensor([float(reward_fn(t, chosen[i // cfg.group_size])) for i, t in enumerate(texts)])
         advantages = torch.as_tensor(advantage_fn(rewards, cfg.group_size)).float().to(batch.input_ids.device)
+        # every completion starts at the same column (left-padded prompts), so only the last k positions
+        # need logits: the last prompt token (predicting the first completion token) and the completion
+        k = batch.input_ids.shape[1] - int(batch.response_mask.any(0).long().argmax()) + 1
+        ids, mask = batch.input_ids[:, -k:], batch.response_mask[:, -k:]  # (B, k)
         with torch.no_grad(), adapters_off(model):
-            ref = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                             batch.input_ids)
+            ref = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   logits_to_keep=k).logits, ids)
         model.train()
-        logps = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                           batch.input_ids)
+        logps = logprob_fn(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 logits_to_keep=k).logits, ids)
         # one update per sampled batch: the sampling policy is this one, so old = logps without gradient
-        loss = loss_fn(logps, logps.detach(), ref, advantages, batch.response_mask, cfg.epsilon, cfg.beta)
+        loss = loss_fn(logps, logps.detach(), ref, advantages, mask, cfg.epsilon, cfg.beta)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -444,7 +479,7 @@ def train_grpo(model: nn.Module, tokenizer: "transformers.PreTrainedTokenizerBas
         history["step"].append(step)
         history["reward"].append(float(rewards.mean()))
         history["loss"].append(loss.item())
-        history["kl"].append(float(sequence_kl(logps.detach(), ref, batch.response_mask).mean()))
+        history["kl"].append(float(sequence_kl(logps.detach(), ref, mask).mean()))
     model.eval()
     return history
 
