@@ -13,10 +13,11 @@ Tables (greedy; end of sequence forbidden so that every run makes exactly the to
 3. time to first token and inter-token latency, p50/p95, at 1, 8 and 32 streaming clients
    with --max-batch 8 (32 clients: 8 decode, the others wait in the queue);
 4. llama.cpp on the GGUF the asset is converted from (Q4_1), through llama-cpp-python's own
-   OpenAI server (`python -m llama_cpp.server`, same threads, see LLAMACPP_SERVER), against the server in float32
-   and int4, in alternation: one stream and 8 concurrent clients (llama-cpp-python's server
-   runs one request at a time, so its 8 clients queue). Needs the cached bench venv that
-   `bench/llamacpp_venv.sh` builds once (10-30 minutes); without it the table says so.
+   OpenAI server (`python -m llama_cpp.server`, same threads, see LLAMACPP_SERVER), against
+   the server in float32 and int4, in alternation: one stream and 8 concurrent clients
+   (llama-cpp-python's server runs one request at a time, so its 8 clients queue:
+   `--interrupt_requests False`). Needs the cached bench venv that `bench/llamacpp_venv.sh`
+   builds once (10-30 minutes); without it the table says so.
 Every figure carries the 1-minute load average of the machine when it was taken: on a shared
 machine absolute figures move with the load; ratios taken in the same round are the fair ones.
 """
@@ -71,6 +72,8 @@ def stream_one(url: str, model_name: str, prompt: str, n: int, no_eos: dict) -> 
             "temperature": 0, "stream": True, "logit_bias": no_eos, "stream_options": {"include_usage": True}}
     start, times, tokens = time.perf_counter(), [], 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.read()[:200]!r}")
         for event in serve.iter_sse(r.iter_lines()):
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
@@ -141,6 +144,7 @@ def llamacpp(threads: int, name: str) -> subprocess.Popen | str:
         port = sock.getsockname()[1]
     proc = subprocess.Popen([str(python), "-c", LLAMACPP_SERVER, "--model", str(gguf), "--model_alias", name,
                              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
+                             "--interrupt_requests", "False",  # queue concurrent requests, not cut the running one
                              "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]

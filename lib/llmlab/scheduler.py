@@ -2,9 +2,12 @@
 
 Read top-down: a request's life as a `Job` (its events flow back to the HTTP handler) ->
 `Metrics` -> the `Scheduler`, a thread whose every iteration (1) admits waiting jobs into free
-batch slots, (2) prefills one chunk of the oldest admitted prompt and (3) runs one decode step
-over the running batch. A long prompt therefore never freezes the others' streams: its
-prefill is cut into chunks sized to cost about one decode step each (measured as it runs).
+batch slots, (2) prefills one chunk of the oldest admitted prompt (or several whole short
+prompts in one left-padded pass, a burst of requests) and (3) runs one decode step over the
+running batch. A long prompt therefore never freezes the others' streams: its prefill is cut
+into chunks sized to cost about one decode step each (measured as it runs). The forward
+passes are `llmlab.serve_model`'s: for a Llama, fused projections and the head on the last
+position only.
 
 Admission counts every job the scheduler holds: `max_batch` running (prefilling included)
 plus `max_queue` waiting; one more gets 429 with a Retry-After estimated from the recent
