@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=120, help="reward-model training pairs (half as many held out)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a log file shows each figure as it comes
     runtime.setup(0, "cpu")
     runtime.set_threads(args.threads)
     start, clock = Clock(), Clock()
