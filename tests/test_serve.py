@@ -47,10 +47,11 @@ def server(course):
 
 @pytest.fixture(scope="module")
 def slow_server():
-    """A server whose every forward pass takes >= 40 ms: 2 batch slots, 1 queue slot, a 1 s deadline."""
+    """A server whose every forward pass takes >= 40 ms: 2 batch slots, 1 queue slot, a 1.5 s deadline
+    (45 steps always miss it; 12 steps meet it unless a step takes over 100 ms)."""
     model, tok = load()
     model.get_input_embeddings().register_forward_pre_hook(lambda module, args: time.sleep(0.04))  # every forward
-    config = serve.ServerConfig(model_name=MODEL, max_tokens=48, max_batch=2, max_queue=1, timeout_s=1.0)
+    config = serve.ServerConfig(model_name=MODEL, max_tokens=48, max_batch=2, max_queue=1, timeout_s=1.5)
     with serve.BackgroundServer(serve.create_app(model, tok, config)) as running:
         yield running
 
@@ -284,7 +285,7 @@ def test_a_request_past_its_deadline_is_504_not_to_be_retried(slow_server):
     url = slow_server.url
     before = metrics(url)["timed_out"]
     body = {"model": MODEL, "prompt": "KING.", "max_tokens": 45, "temperature": 0}
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)  # 45 steps x 40 ms > 1 s
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)  # 45 steps x 40 ms > 1.5 s
     error = assert_error(r, 504, "deadline_exceeded")
     assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
     assert "waited" in error["message"] and "for a batch slot (not counted)" in error["message"]
