@@ -116,16 +116,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.missing and recipe:
         _die("--missing builds the registry's recipes; --quick, --full and --seed go with a NAME", 2)
     todo = assets.missing() if args.missing else [args.name]
-    for name in todo:
-        start = time.perf_counter()
-        if args.missing and not assets.get(name).builder:
-            path = assets.fetch(name)
-        else:
-            path = assets.build(name, **recipe)
-        print(f"{name}: ready in {time.perf_counter() - start:.0f} s -> {path}")
+    for name in todo:  # a named downloaded asset goes to `build`, which says to fetch it instead
+        _make(name, built=not args.missing or bool(assets.get(name).builder), **recipe)
     if not todo:
         print("every asset is in the cache")
     return 0
+
+
+def _make(name: str, built: bool, **recipe) -> None:
+    """Build asset `name` (with `recipe`) or fetch it, and say where it landed and how long it took."""
+    start = time.perf_counter()
+    path = assets.build(name, **recipe) if built else assets.fetch(name)
+    print(f"{name}: ready in {time.perf_counter() - start:.0f} s -> {path}")
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -214,9 +216,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     print("== assets")
     beside = {n: assets.get(n).needed_by for n in assets.missing() if assets.get(n).needed_by}
     for name in [n for n in assets.missing() if n not in beside]:
-        began = time.perf_counter()
-        path = assets.build(name) if assets.get(name).builder else assets.fetch(name)
-        print(f"{name}: ready in {time.perf_counter() - began:.0f} s -> {path}")
+        _make(name, built=bool(assets.get(name).builder))
     print("== release")
     for path in course.release() + [p for lang in i18n.LANGUAGES[1:] for p in course.release(lang=lang)]:
         print(f"released {path.relative_to(course.root())}")
