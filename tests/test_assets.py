@@ -560,3 +560,27 @@ def test_real_smollm2_fetch_converts_and_chats(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_a_built_asset_names_every_lab_that_loads_it_so_that_llmlab_course_waits_for_it():
+    import ast
+
+    import nbformat
+
+    from llmlab import course
+
+    for asset in (a for a in assets.REGISTRY.values() if a.builder):
+        loaders = set()
+        for lab in course.labs():
+            for path in course.notebooks(lab):
+                for cell in nbformat.read(path, as_version=4).cells:
+                    if cell.cell_type != "code":
+                        continue
+                    tree = ast.parse("\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+                    for node in ast.walk(tree):  # the name as a string, or its accessor (agent.tool_use_adapter)
+                        if (isinstance(node, ast.Constant) and node.value == asset.name) or (
+                                isinstance(node, (ast.Name, ast.Attribute))
+                                and getattr(node, "id", getattr(node, "attr", None)) == asset.name.replace("-", "_")):
+                            loaders.add(lab)
+        assert loaders, f"{asset.name}: no lab loads it"
+        assert loaders <= set(asset.needed_by), f"{asset.name}: needed_by lacks {sorted(loaders - set(asset.needed_by))}"

@@ -109,7 +109,6 @@ def timed_course(tmp_path, monkeypatch):
                                          f"open({str(log)!r}, 'a').write(f'{lab} end {{time.time()}} -\\n')")])
     monkeypatch.setenv("LLMLAB_ROOT", str(tmp_path))
     monkeypatch.setenv("LLMLAB_WORK", str(tmp_path / "work"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # run_all changes it; monkeypatch puts it back
     return log
 
 
@@ -117,16 +116,94 @@ def _log(log) -> dict:
     return {(lab, what): (float(t), threads) for lab, what, t, threads in (line.split() for line in log.read_text().splitlines())}
 
 
-def test_run_all_runs_two_kernels_at_once_with_one_thread_each(timed_course):
-    seconds = course.run_all(jobs=2)
-    assert sorted(seconds) == ["01-first/first.ipynb", "02-second/second.ipynb", "03-third/third.ipynb"]
+def _lab_tasks(waits: dict | None = None) -> list:
+    waits = waits or {}
+    return [course.run_task(lab, path, waits.get(lab, ())) for lab in course.labs() for path in course.notebooks(lab)]
+
+
+def test_run_tasks_runs_two_kernels_at_once_with_one_thread_each(timed_course, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `llmlab course` sets for two jobs
+    seconds = course.run_tasks(_lab_tasks(), jobs=2)
+    assert sorted(seconds) == ["run 01-first/first.ipynb", "run 02-second/second.ipynb", "run 03-third/third.ipynb"]
     got = _log(timed_course)
     assert {got[(lab, "start")][1] for lab in ("01-first", "02-second", "03-third")} == {"1"}
     assert got[("02-second", "start")][0] < got[("01-first", "end")][0]  # the second began before the first ended
 
 
-def test_run_all_a_lab_waits_for_the_asset_it_needs_and_a_failed_build_stops_it(timed_course):
+def test_run_tasks_a_lab_waits_for_the_asset_it_needs_and_a_failed_build_stops_it(timed_course):
+    tasks = [course.build_task("no-such-asset"), *_lab_tasks({"01-first": ("build no-such-asset",)})]
     with pytest.raises(course.CourseError, match="llmlab build no-such-asset failed: .*unknown asset"):
-        course.run_all(jobs=2, builds={"no-such-asset": ("01-first",)})
+        course.run_tasks(tasks, jobs=2)
     started = {lab for lab, what in _log(timed_course) if what == "start"} if timed_course.exists() else set()
     assert "01-first" not in started and "02-second" in started  # 01 waited for the build, which failed
+
+
+def test_run_tasks_starts_the_first_ready_task_and_never_idles_a_slot_while_one_is_ready():
+    import threading
+    import time
+
+    log, gate = [], threading.Event()
+
+    def step(name, seconds=0.0, wait=None):
+        def go():
+            log.append((name, "start"))
+            if wait:
+                assert wait.wait(10)
+            time.sleep(seconds)
+            log.append((name, "end"))
+            return name
+        return go
+
+    tasks = [course.Task("long", step("long", wait=gate)),
+             course.Task("after-long", step("after-long"), ("long",)),  # listed early, not ready until "long" ends
+             course.Task("a", step("a", 0.05)), course.Task("b", step("b", 0.05)),
+             course.Task("open-gate", gate.set, ("a", "b"))]
+    done = course.run_tasks(tasks, jobs=2)
+    assert done["long"] == "long" and set(done) == {t.name for t in tasks}
+    starts = [name for name, what in log if what == "start"]
+    assert starts == ["long", "a", "b", "after-long"]  # the second slot went on past the task that was not ready
+    assert log.index(("after-long", "start")) > log.index(("long", "end"))
+
+
+def test_run_tasks_refuses_unknown_or_circular_dependencies_and_repeated_names():
+    def noop():
+        return None
+
+    with pytest.raises(ValueError, match="missing or circular"):
+        course.run_tasks([course.Task("a", noop, ("nope",))])
+    with pytest.raises(ValueError, match="missing or circular"):
+        course.run_tasks([course.Task("a", noop, ("b",)), course.Task("b", noop, ("a",))])
+    with pytest.raises(ValueError, match="repeat"):
+        course.run_tasks([course.Task("a", noop), course.Task("a", noop)])
+
+
+def test_run_tasks_raises_the_first_failure_and_starts_nothing_after_it():
+    ran = []
+
+    def boom():
+        raise RuntimeError("boom")
+
+    tasks = [course.Task("boom", boom), course.Task("later", lambda: ran.append(1), ("boom",))]
+    with pytest.raises(RuntimeError, match="boom"):
+        course.run_tasks(tasks, jobs=2)
+    assert ran == []
+
+
+def test_run_tasks_runs_a_task_beside_the_slots_at_once_and_at_a_higher_priority_than_theirs():
+    import os
+    import sys
+    import threading
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    gate = threading.Event()
+    tasks = [course.Task("slot", lambda: (gate.wait(10), niceness())[1]),
+             course.Task("slot 2", niceness),
+             course.Task("beside", lambda: (gate.set(), niceness())[1], beside=True)]  # the one slot is busy
+    done = course.run_tasks(tasks, jobs=1)
+    assert gate.is_set() and set(done) == {"slot", "slot 2", "beside"}
+    if sys.platform == "linux":
+        assert done["slot"] == done["slot 2"] == min(19, done["beside"] + course.SLOT_NICE)
+    with pytest.raises(ValueError, match="cannot wait"):
+        course.Task("x", niceness, ("slot",), beside=True)

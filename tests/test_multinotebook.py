@@ -75,3 +75,12 @@ def test_a_two_notebook_lab_runs_and_grades_as_one(two_notebook_course, tmp_path
     page = (tmp_path / "work" / "feedback" / "solution" / LAB / "2-bonus.html").read_text()
     assert "pending: graded by hand" in page and "Score: 0.0 / 1.0" not in page
     assert (root / "labs" / LAB / "2-bonus.ipynb").is_file()
+
+
+def test_llmlab_course_grades_each_sample_in_its_own_task_then_reports_the_lab(two_notebook_course, tmp_path):
+    tasks = samples.grade_tasks(LAB, tmp_path / "subs", threads=1)
+    assert [t.name for t in tasks] == [f"samples {LAB}", *(f"grade {LAB} {i}/3" for i in (1, 2, 3)), f"report {LAB}"]
+    table, problems = course.run_tasks(tasks, jobs=2)[f"report {LAB}"]
+    assert problems == []
+    assert all(name in table for name in ("solution", "untouched", "bonus-only"))
+    assert (tmp_path / "work" / "reports" / f"{LAB}-grades.csv").read_text().count("\n") == 4  # a header, 3 samples

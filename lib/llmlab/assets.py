@@ -77,7 +77,7 @@ class Asset:
     # built assets: dotted function (**recipe) -> JSON, what else the files depend on (the recipe's
     # defaults, training data, prompts); hashed into the cache key with the recipe
     inputs: str | None = None
-    # built assets: the labs that load it; `llmlab course` builds it beside the others
+    # built assets: the labs that load it; `llmlab course` builds it beside the other labs, which need not wait
     needed_by: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -184,6 +184,7 @@ REGISTRY: dict[str, Asset] = {
             licence="MIT (made by the course)",
             builder="llmlab.train.build_course_gpt",
             recipe={"quick": True, "seed": 0},  # the CPU-sized model; `llmlab build course-gpt --full` on a GPU
+            needed_by=("04-quantization", "05-serving"),
         ),
         Asset(  # after smollm2-135m-instruct: `missing()` keeps this order, so the build finds its base
             name="tool-use-adapter",

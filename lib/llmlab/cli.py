@@ -210,32 +210,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_course(args: argparse.Namespace) -> int:
     """The main job: assets, release, every lab headless in QUICK mode, grade sample submissions."""
-    from llmlab.grading import pipeline, samples
+    from llmlab.grading import samples
 
+    if args.jobs < 1:
+        _die("--jobs must be at least 1", 2)
     start = time.perf_counter()
     print("== assets")
     beside = {n: assets.get(n).needed_by for n in assets.missing() if assets.get(n).needed_by}
     for name in [n for n in assets.missing() if n not in beside]:
         _make(name, built=bool(assets.get(name).builder))
-    print("== release")
-    for path in course.release() + [p for lang in i18n.LANGUAGES[1:] for p in course.release(lang=lang)]:
-        print(f"released {path.relative_to(course.root())}")
-    print(f"== run (QUICK), {args.jobs} at once" + "".join(f"; {n} is built beside the labs, for {', '.join(users)}"
-                                                          for n, users in beside.items()))
-    course.run_all(jobs=args.jobs, builds=beside)
-    print("== grade sample submissions")
-    failures = []
-    tables = []
-    for lab in course.labs():
-        dest = course.work_dir() / "samples" / lab
-        shutil.rmtree(dest, ignore_errors=True)
-        expected = samples.write(lab, dest)
-        results = pipeline.grade(lab, dest, workers=args.workers, progress=False)
-        pipeline.write_reports(lab, results)
-        tables.append(pipeline.summary(lab, results))
-        failures += samples.mismatches(results, expected)
-    print("\n\n".join(tables))
+    print(f"== release, run every lab (QUICK) and grade its sample submissions, {args.jobs} at once"
+          + "".join(f"; {n} is built beside them, for {', '.join(users)}" for n, users in beside.items()))
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # two single-threaded jobs do more on two cores than one with two threads
+    waits = {lab: tuple(f"build {n}" for n, users in beside.items() if lab in users) for lab in course.labs()}
+    tasks = [course.build_task(name) for name in beside] + [course.release_task()]
+    for lab in sorted(course.labs(), key=lambda lab: not waits[lab]):  # the labs behind a build first: the longest chain
+        tasks += [course.run_task(lab, path, waits[lab]) for path in course.notebooks(lab)]
+        tasks += samples.grade_tasks(lab, course.work_dir() / "samples" / lab, ("release", *waits[lab]),
+                                     threads=1 if args.jobs > 1 else os.cpu_count() or 1)
+    done = course.run_tasks(tasks, args.jobs)
+    reports = [done[f"report {lab}"] for lab in course.labs()]
+    print("\n\n".join(table for table, _ in reports))
     print(f"\ncourse done in {time.perf_counter() - start:.0f} s; grades and feedback under {course.work_dir()}")
+    failures = [line for _, problems in reports for line in problems]
     if failures:
         _die("sample grades differ from what they deserve: " + "; ".join(failures))
     return 0
@@ -315,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("course", help="the main job: assets, release, run every lab (QUICK), grade samples")
-    p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="notebooks (and asset builds) run at once, one torch thread each (default: 2, or 1 on one core)")
+                   help="notebooks, sample gradings and asset builds run at once, one torch thread each "
+                        "(default: 2, or 1 on one core)")
     p.set_defaults(func=cmd_course)
     return parser
 

@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nbformat
 
@@ -237,49 +238,130 @@ def check_completed(executed: Path) -> None:
                                  "the notebook stopped early (sys.exit? os._exit? a dead kernel?)")
 
 
+SLOT_NICE = 10  # the niceness of `run_tasks`' slots: a task run beside them gets the CPU first
 
-def run_all(jobs: int = 2, builds: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
-    """Run every lab's notebooks in QUICK mode, `jobs` at once; return {lab/notebook: seconds}.
 
-    With more than one job each kernel gets one torch thread (two single-threaded kernels do
-    more on two cores than one kernel with two threads). `builds` maps course-built assets to
-    the labs that load them: each is built in a child process beside the other labs, and the
-    labs that need it wait for it, queued after the others. Progress is printed as each piece
-    ends.
+@dataclass
+class Task:
+    """One piece of work for `run_tasks`: `run()`, started once every task named in `after` is done.
+
+    A task `beside` the slots (it may wait for nothing) starts at once in its own thread, at
+    normal priority: what the rest of the work waits for longest.
     """
+
+    name: str
+    run: Callable[[], object]
+    after: tuple[str, ...] = ()
+    beside: bool = False
+
+    def __post_init__(self):
+        if self.beside and self.after:
+            raise ValueError(f"task {self.name!r}: a task beside the slots starts at once; it cannot wait for others")
+
+
+def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
+    """Run `tasks`, `jobs` at once (plus those beside), each when what it comes after is done; return {name: result}.
+
+    A free slot takes the first task, in list order, whose dependencies are done, so no slot
+    waits while some task is ready; list the longest chain first. The slots' threads, and the
+    processes they start, run at nice SLOT_NICE (Linux), so a task beside them, the start of
+    the longest chain, is not slowed by the work that fills the other core and the idle moments
+    of both. The first failure stops further starts and is raised once the running tasks end.
+    """
+    import threading
+
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    known, pending = set(), list(tasks)
+    while pending:  # dependencies must exist and form no cycle
+        ready = [t for t in pending if set(t.after) <= known]
+        if not ready:
+            raise ValueError(f"tasks that wait for a missing or circular dependency: {[t.name for t in pending]}")
+        known |= {t.name for t in ready}
+        pending = [t for t in pending if t not in ready]
+    pending, done, failed = [t for t in tasks if not t.beside], {}, []
+    cond = threading.Condition()
+
+    def execute(task: Task) -> bool:
+        """Run one task and record its result or its failure; False when it failed."""
+        try:
+            result = task.run()
+        except BaseException as e:  # noqa: BLE001 (re-raised by run_tasks)
+            print(f"{task.name}: failed; the tasks running now finish, no new one starts", flush=True)
+            with cond:
+                failed.append(e)
+                cond.notify_all()
+            return False
+        with cond:
+            done[task.name] = result
+            cond.notify_all()
+        return True
+
+    def slot() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SLOT_NICE)  # this thread only, on Linux
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with cond:
+                while True:
+                    task = next((t for t in pending if all(d in done for d in t.after)), None)
+                    if failed or not pending or task:
+                        break
+                    cond.wait()
+                if failed or task is None:
+                    return
+                pending.remove(task)
+            if not execute(task):
+                return
+
+    threads = [threading.Thread(target=execute, args=(t,), daemon=True) for t in tasks if t.beside]
+    threads += [threading.Thread(target=slot, daemon=True) for _ in range(max(1, min(jobs, len(pending))))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # a timeout, so that Ctrl-C reaches this thread
+            thread.join(0.5)
+    if failed:
+        raise failed[0]
+    return done
+
+
+def build_task(name: str) -> Task:
+    """A task that builds course asset `name` in a child process (`llmlab build NAME`) and says how long it took."""
     import subprocess
-    from concurrent.futures import ThreadPoolExecutor
 
-    order, builds = labs(), builds or {}
-    if jobs > 1:
-        os.environ["OMP_NUM_THREADS"] = "1"  # read by every kernel and build started from here
-
-    def build(name: str) -> None:
+    def build() -> None:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "llmlab.cli", "build", name], capture_output=True, text=True)
         if done.returncode:
             raise CourseError(f"llmlab build {name} failed: {done.stderr.strip()[-2000:]}")
         print(f"{name}: built in {time.perf_counter() - start:.0f} s", flush=True)
 
-    def run_one(lab: str, path: Path) -> float:
-        for name, users in builds.items():
-            if lab in users:
-                built[name].result()
+    return Task(f"build {name}", build, beside=True)
+
+
+def release_task() -> Task:
+    """A task that releases every lab, in every language, in a child process (`llmlab release`)."""
+    import subprocess
+
+    def release_all() -> None:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "llmlab.cli", "release"], capture_output=True, text=True)
+        if done.returncode:
+            raise CourseError(f"llmlab release failed: {done.stderr.strip()[-2000:]}")
+        print(f"released {done.stdout.count('released ')} notebooks in {time.perf_counter() - start:.0f} s", flush=True)
+
+    return Task("release", release_all)
+
+
+def run_task(lab: str, path: Path, after: tuple[str, ...] = ()) -> Task:
+    """A task that runs notebook `path` of `lab` in QUICK mode (after `after`); its result is the seconds taken."""
+
+    def run_quick() -> float:
         result = run(path, {"QUICK": True}, progress=False)
         print(f"{lab}/{path.name}: ok in {result.seconds:.1f} s", flush=True)
         return result.seconds
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        built = {name: pool.submit(build, name) for name in builds}  # first: a slot is theirs at once
-        # labs that wait for a build go last, so that waiting never holds a slot another lab could use
-        waits = {lab: any(lab in users for users in builds.values()) for lab in order}
-        runs = {f"{lab}/{path.name}": pool.submit(run_one, lab, path)
-                for lab in sorted(order, key=waits.get) for path in notebooks(lab)}
-        try:
-            for future in [*built.values(), *runs.values()]:
-                future.result()
-        except BaseException:
-            for future in [*built.values(), *runs.values()]:
-                future.cancel()
-            raise
-    return {key: future.result() for key, future in runs.items()}
+    return Task(f"run {lab}/{path.name}", run_quick, after)

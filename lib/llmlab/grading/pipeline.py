@@ -200,8 +200,8 @@ def _gradebook():
     return Gradebook(cd.db_url, cd.course_id)
 
 
-def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path, workers: int = 1) -> Result:
-    """Grade one student's submission of `lab` (runs in its own process; see `grade`)."""
+def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path, threads: int = 1) -> Result:
+    """Grade one student's submission of `lab` (runs in its own process; see `grade`); `threads`: torch threads unless the policy sets them."""
     start = time.perf_counter()
     root, work = course.root(), course.work_dir()
     policy = sanitize.policy(root, nbformat.read(course.notebooks(lab)[0], as_version=4))
@@ -232,7 +232,7 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
                    if sanitize.is_test(c) and "BEGIN HIDDEN TESTS" in c.source}
         settings = sanitize.policy(root, source_nb)
         if not settings["threads"]:
-            settings["threads"] = max(1, (os.cpu_count() or 1) // max(1, workers))
+            settings["threads"] = threads
         data = contents.get(name, _("{file} was not submitted; graded as empty").format(file=name))
         student_answers, notes = sanitize.answers(data, template) if isinstance(data, bytes) else ({}, [data])
         result.notes += notes
@@ -331,8 +331,12 @@ def _read_grades(lab: str, student: str, result: Result) -> dict[str, dict[str, 
 
 
 def grade(lab: str, submissions: Path, workers: int = 1, force: bool = False, progress: bool = True,
-          shard: tuple[int, int] = (0, 1)) -> list[Result]:
-    """Grade every submission of `lab` under `submissions` (or shard i of n); resume unless `force`."""
+          shard: tuple[int, int] = (0, 1), threads: int | None = None) -> list[Result]:
+    """Grade every submission of `lab` under `submissions` (or shard i of n), `workers` at once; resume unless `force`.
+
+    Each submission gets `threads` torch threads (default: CPU cores / workers) unless the
+    policy sets them.
+    """
     lab = course.lab_id(lab)
     found, refused = discover(lab, submissions)
     if not found and not refused:
@@ -353,8 +357,9 @@ def grade(lab: str, submissions: Path, workers: int = 1, force: bool = False, pr
                 results[student] = old
                 continue
         todo.append(student)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = {pool.submit(_grade_in_child, lab, s, Path(submissions), workers, policy["submission_timeout_s"]): s
+        jobs = {pool.submit(_grade_in_child, lab, s, Path(submissions), threads, policy["submission_timeout_s"]): s
                 for s in todo}
         bar = tqdm(as_completed(jobs), total=len(jobs), desc=f"grading {lab}", unit="submission", disable=not progress)
         for job in bar:
@@ -377,10 +382,10 @@ def _ensure_gradebook(lab: str) -> None:
     course.release(lab, into=work / "release")
 
 
-def _grade_in_child(lab: str, student: str, submissions: Path, workers: int, limit: int) -> Result:
+def _grade_in_child(lab: str, student: str, submissions: Path, threads: int, limit: int) -> Result:
     """Run `grade_one` in a fresh process with a hard deadline; its result file is the only output trusted."""
     done = results_dir(lab) / f"{student}.json"
-    cmd = [sys.executable, "-m", "llmlab.grading.pipeline", lab, student, str(submissions), str(workers)]
+    cmd = [sys.executable, "-m", "llmlab.grading.pipeline", lab, student, str(submissions), str(threads)]
     env = {**os.environ, "LLMLAB_ROOT": str(course.root()), "LLMLAB_WORK": str(course.work_dir())}
     for attempt in range(3):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -457,10 +462,10 @@ def _main() -> None:
     parser.add_argument("lab")
     parser.add_argument("student")
     parser.add_argument("submissions", type=Path)
-    parser.add_argument("workers", type=int)
+    parser.add_argument("threads", type=int)
     args = parser.parse_args()
     files = discover(args.lab, args.submissions)[0][args.student]
-    result = grade_one(args.lab, args.student, files, args.submissions, args.workers)
+    result = grade_one(args.lab, args.student, files, args.submissions, args.threads)
     if result.error and "database is locked" in result.error:
         print(result.error)
         sys.exit(1)

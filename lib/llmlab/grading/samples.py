@@ -8,11 +8,13 @@ compare the scores with what each sample deserves.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
 
 from llmlab import course
+from llmlab.course import Task
 from llmlab.grading import sanitize
 
 
@@ -73,3 +75,33 @@ def mismatches(results: list, expected: dict[str, dict | None]) -> list[str]:
             if wrong:
                 problems.append(f"{r.student}: " + ", ".join(f"{t} got {got} expected {want}" for t, (got, want) in wrong.items()))
     return problems
+
+
+def grade_tasks(lab: str, dest: Path, after: tuple[str, ...] = (), threads: int = 1) -> list[Task]:
+    """Tasks for `course.run_tasks`: write `lab`'s samples under `dest`, grade each in its own task
+    (`threads` torch threads), then report; the last task returns (summary table, mismatches)."""
+    from llmlab.grading import pipeline
+
+    lab = course.lab_id(lab)
+    n = 2 + len(fixtures(lab))  # solution, untouched and the fixtures: one shard each
+    expected: dict[str, dict | None] = {}
+    graded: list = []
+
+    def write_samples() -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        expected.update(write(lab, dest))
+
+    def grade_shard(i: int) -> None:
+        for r in pipeline.grade(lab, dest, progress=False, shard=(i, n), threads=threads):
+            print(f"{lab}/{r.student}: graded {r.score:g}/{r.max_score:g} in {r.seconds:.0f} s"
+                  + (f" ({r.error})" if r.error else ""), flush=True)
+            graded.append(r)
+
+    def report() -> tuple[str, list[str]]:
+        results = sorted(graded, key=lambda r: r.student)
+        pipeline.write_reports(lab, results)
+        return pipeline.summary(lab, results), mismatches(results, expected)
+
+    shards = [Task(f"grade {lab} {i + 1}/{n}", lambda i=i: grade_shard(i), (f"samples {lab}",)) for i in range(n)]
+    return [Task(f"samples {lab}", write_samples, after), *shards,
+            Task(f"report {lab}", report, tuple(t.name for t in shards))]
