@@ -7,9 +7,9 @@ Tables (greedy; end of sequence forbidden so that every run makes exactly the to
    alternation (`--rounds` times), so both see the same load: one stream (tokens/s of one
    request) and 8 at once (8 concurrent clients against a static batch of 8 left-padded prompts);
 2. float32 against int8 and int4 weights (`llmlab serve --quantize`) and w8a8 (int8 weights
-   and activations, `serve_quant.quantize_weights(model, "w8a8")`): single-stream tokens/s
-   through the server, bytes of weights, held-out perplexity (Shakespeare's test plays) and
-   its change;
+   and activations, `serve_quant.quantize_weights(model, "w8a8", calibration)`, smoothed on
+   2,048 tokens of the training plays): single-stream tokens/s through the server, bytes of
+   weights, held-out perplexity (Shakespeare's test plays) and its change;
 3. time to first token and inter-token latency, p50/p95, at 1, 8 and 32 streaming clients
    with --max-batch 8 (32 clients: 8 decode, the others wait in the queue);
 4. llama.cpp on the GGUF the asset is converted from (Q4_1), through llama-cpp-python's own
@@ -213,8 +213,10 @@ def table_2(model, tokenizer, name: str, n: int, ppl_tokens: int, rounds: int, n
     kinds = ("float32", "int8", "int4", "w8a8")
     print(f"== 2. weights: {', '.join(kinds)} (server, 1 stream, {n} tokens, the four in alternation "
           f"{rounds} times; perplexity on {ppl_tokens} held-out tokens)")
-    held_out = quant.token_ids(tokenizer, data.lm_corpus("shakespeare")["test"], ppl_tokens)
-    models = {k: model if k == "float32" else quantize_weights(copy.deepcopy(model), k) for k in kinds}
+    corpus = data.lm_corpus("shakespeare")
+    held_out = quant.token_ids(tokenizer, corpus["test"], ppl_tokens)
+    calibration = quant.token_ids(tokenizer, corpus["train"], 2048)  # w8a8's smoothing: training text only
+    models = {k: model if k == "float32" else quantize_weights(copy.deepcopy(model), k, calibration) for k in kinds}
     ppl = {k: evaluate.perplexity(m, held_out, 256, 8) for k, m in models.items()}
     print(f"{'weights':<8} {'MB':>7} {'perplexity':>11} {'change':>8}")
     for k, m in models.items():

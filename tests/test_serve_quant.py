@@ -69,3 +69,31 @@ def test_the_cli_takes_quantize():
     assert cli.build_parser().parse_args(["serve", "--quantize", "int4"]).quantize == "int4"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--quantize", "fp8"])
+
+
+def test_smoothing_keeps_the_float_model_and_helps_w8a8():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlab.serve_quant import smooth_activations
+
+    if assets.state("course-gpt") != "cached":
+        assets.build("course-gpt", quick=True)
+    path = assets.resolve("course-gpt")
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    calibration = torch.tensor(tok("KING. Now is the winter of our discontent made glorious summer. " * 8)["input_ids"])
+    ids = torch.tensor([tok("ROMEO. But soft, what light through yonder window breaks? It is the east")["input_ids"]])
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        want = model(ids).logits
+        smoothed = smooth_activations(copy.deepcopy(model), calibration)
+        got = smoothed(ids).logits  # x @ W.T == (x / s) @ (W * s).T: the same model
+        assert (got - want).abs().max() < 1e-3 * want.abs().max()
+        assert torch.equal(smoothed.model.embed_tokens.weight, embedding)  # the tied table is not rescaled
+        q = quantize_weights(copy.deepcopy(model), "w8a8", calibration)
+        assert all(m.qweight.abs().max() <= 63 for m in q.modules() if isinstance(m, Int8WeightOnlyLinear))
+        logp = q(ids).logits.log_softmax(-1)[0, :-1]
+        nll = float(-logp.gather(-1, ids[0, 1:, None]).mean())
+        base = float(-want.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean())
+        assert abs(nll - base) < 0.1 * base
+    with pytest.raises(ValueError, match="Llama"):
+        smooth_activations(nn.Sequential(nn.Linear(4, 4)), calibration)
