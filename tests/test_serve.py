@@ -176,6 +176,32 @@ def test_concurrent_requests_share_decode_steps_and_match_one_by_one(course, slo
         assert results[i] == reference(course, tok(prompt)["input_ids"], 10)
 
 
+def test_prompts_joining_a_running_batch_in_chunks_match_one_by_one(course):
+    """Four requests a little apart, prompts prefilled in 8-token chunks that ride on the running
+    batch's decode steps (one pass for both) or together (a burst): each answer is still the library's."""
+    _, tok = course
+    model, _ = load()
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: time.sleep(0.01))
+    config = serve.ServerConfig(model_name=MODEL, max_tokens=32, max_batch=4, max_queue=4, prefill_chunk=8)
+    prompts = ["ROMEO.", "JULIET. Ay me! What light through yonder window", "KING. Now is the winter", "HAMLET. To be"]
+    results: dict[int, str] = {}
+    with serve.BackgroundServer(serve.create_app(model, tok, config)) as server:
+        def ask(i: int) -> None:
+            body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 12, "temperature": 0}
+            results[i] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        stats = metrics(server.url)
+    assert stats["prefill_chunks"] >= 2 and stats["completed"] == 4, stats
+    for i, prompt in enumerate(prompts):
+        assert results[i] == reference(course, tok(prompt)["input_ids"], 12), prompt
+
+
 # ----------------------------------------------------------------------------------------
 # Errors: status code and OpenAI's shape
 

@@ -107,3 +107,24 @@ def test_quantized_models_decode_close_to_the_float_one(course):
             nll = -logp[0, :-1].gather(-1, ids[0, 1:, None]).mean()
             want = -base[0, :-1].gather(-1, ids[0, 1:, None]).mean()
             assert abs(nll - want) < tolerance * want, (kind, float(nll), float(want))
+
+
+def test_a_decode_step_and_a_prefill_chunk_in_one_pass_give_each_its_own_logits(course):
+    model, tok = course
+    fast = serving_decoder(copy.deepcopy(model))
+    prompts = [tok("ROMEO. But soft, what light")["input_ids"], tok("KING.")["input_ids"]]
+    chunk = torch.tensor([tok("JULIET. Ay me!")["input_ids"]])
+    with torch.no_grad():
+        batch_ids, mask = left_pad(prompts)
+        alone, together = KVCache(), KVCache()
+        last = fast.next_logits(batch_ids, alone, mask).argmax(-1, keepdim=True)  # (2, 1)
+        fast.next_logits(batch_ids, together, mask)
+        want_step = fast.next_logits(last, alone)
+        want_chunk = fast.next_logits(chunk, KVCache())
+        new = KVCache()
+        got_step, got_chunk = fast.next_logits_together([(last, together, None), (chunk, new, None)])
+    assert got_step.shape == (2, want_step.size(-1)) and got_chunk.shape == (1, want_chunk.size(-1))
+    assert (got_step - want_step).abs().max() < 1e-4 * want_step.abs().max()
+    assert (got_chunk - want_chunk).abs().max() < 1e-4 * want_chunk.abs().max()
+    assert len(together) == len(alone) and len(new) == chunk.size(1)  # each part's keys joined its own cache
+    assert torch.allclose(together.keys[0], alone.keys[0], atol=1e-5)

@@ -60,7 +60,7 @@ class ServerConfig:
     max_tokens: int = 512  # cap on a request's max_tokens
     timeout_s: float = 300.0  # generation deadline of a request, from the moment it gets a batch slot
     api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer <key>"
-    prefill_chunk: int = 256  # most prompt tokens prefilled at once (less while others decode)
+    prefill_chunk: int = 512  # most prompt tokens prefilled at once (less while others decode)
     chunked_prefill: bool = True  # False: a prompt is prefilled in one pass, the running streams wait for it
     max_body_bytes: int = 1 << 20  # a larger request body gets 413
 

@@ -99,46 +99,81 @@ class LlamaDecoder(Decoder):
     @torch.no_grad()
     def forward(self, input_ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None = None) -> Tensor:
         """Float32 logits (B, T, V) for input_ids (B, T), as `Decoder.forward`."""
-        return self.lm_head(self._hidden(input_ids, cache, attention_mask)).float()
+        B, T = input_ids.shape
+        return self.lm_head(self._hidden([(input_ids, cache, attention_mask)])).float().view(B, T, -1)
 
     @torch.no_grad()
     def next_logits(self, input_ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None = None) -> Tensor:
         """Float32 logits (B, V) of the last position only: the head runs once per row, not per token."""
-        return self.lm_head(self._hidden(input_ids, cache, attention_mask)[:, -1]).float()
-
-    def _hidden(self, input_ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None) -> Tensor:
-        """The final-norm hidden states (B, T, C) of the new tokens; their keys and values join `cache`."""
-        input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
-        cache = KVCache() if cache is None else cache
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        past = cache.get_seq_length()
-        full_mask = cache.extend_mask(attention_mask)  # (B, L)
-        padded = not bool(full_mask.all())
-        if padded or (past and T > 1):
-            mask, causal = decoder_mask(full_mask, T), False  # (B, 1, T, L)
-        else:
-            mask, causal = None, T > 1  # no padding: one query sees all, or a plain causal prompt
-        positions = position_ids(full_mask, T) if padded else \
-            torch.arange(past, past + T, device=self.device).expand(B, T)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rotary(x, positions)  # (B, T, head_dim) each
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim): broadcast over heads
+        return self.lm_head(self._hidden([(input_ids, cache, attention_mask)]).view(B, T, -1)[:, -1]).float()
+
+    @torch.no_grad()
+    def next_logits_together(self, parts: Sequence[tuple[Tensor, KVCache | None, Tensor | None]]) -> list[Tensor]:
+        """`next_logits` of several batches in one pass: [(input_ids (B_i, T_i), cache_i, mask_i)] -> [(B_i, V)].
+
+        The matmuls (the weights, read once) take every part's tokens together; RoPE, the
+        caches and attention stay per part. So a decode step of the running batch and a
+        prefill chunk of a new prompt cost about one pass, not two.
+        """
+        hidden = self._hidden(parts)  # (N, C)
+        rows, start = [], 0
+        for input_ids, _, _ in parts:
+            B, T = input_ids.shape
+            rows.append(torch.arange(start + T - 1, start + B * T, T, device=hidden.device))  # each row's last
+            start += B * T
+        logits = self.lm_head(hidden[torch.cat(rows)]).float()
+        return list(logits.split([len(r) for r in rows]))
+
+    def _hidden(self, parts: Sequence[tuple[Tensor, KVCache | None, Tensor | None]]) -> Tensor:
+        """The final-norm hidden states (N, C) of all parts' new tokens, flattened row by row (N = sum B_i T_i).
+
+        Each part is (input_ids (B, T), cache, attention_mask (B, T) or None); its keys and values join its cache.
+        """
+        segments, embeds = [], []
+        for input_ids, cache, attention_mask in parts:
+            input_ids = input_ids.to(self.device)
+            B, T = input_ids.shape
+            cache = KVCache() if cache is None else cache
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+            past = cache.get_seq_length()
+            full_mask = cache.extend_mask(attention_mask)  # (B, L)
+            padded = not bool(full_mask.all())
+            if padded or (past and T > 1):
+                mask, causal = decoder_mask(full_mask, T), False  # (B, 1, T, L)
+            else:
+                mask, causal = None, T > 1  # no padding: one query sees all, or a plain causal prompt
+            positions = position_ids(full_mask, T) if padded else \
+                torch.arange(past, past + T, device=self.device).expand(B, T)
+            x = self.embed_tokens(input_ids)  # (B, T, C)
+            cos, sin = self.rotary(x, positions)  # (B, T, head_dim) each
+            segments.append((B, T, cache, mask, causal, cos[:, None], sin[:, None]))  # cos, sin: (B, 1, T, d)
+            embeds.append(x.reshape(B * T, -1))
+        x = embeds[0] if len(embeds) == 1 else torch.cat(embeds)  # (N, C)
+        sizes = [B * T for B, T, *_ in segments]
         C = x.size(-1)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (C,), layer.input_norm, self.eps)
-            q, k, v = layer.qkv(h).split(self.split, dim=-1)
-            q = _rotate(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, H, T, d)
-            k = _rotate(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            k, v = cache.update(i, k, v)  # (B, Hkv, L, d): past and new
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, d)
-            x = x + layer.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            qkv = layer.qkv(h)  # (N, (H + 2 Hkv) d)
+            ys = [self._attend(i, part, segment) for part, segment in
+                  zip(qkv.split(sizes) if len(sizes) > 1 else (qkv,), segments)]
+            x = x + layer.o_proj(ys[0] if len(ys) == 1 else torch.cat(ys))
             h = F.rms_norm(x, (C,), layer.post_norm, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down_proj(F.silu(gate) * up)
         return F.rms_norm(x, (C,), self.norm, self.eps)
+
+    def _attend(self, i: int, qkv: Tensor, segment: tuple) -> Tensor:
+        """Layer i's attention for one part: its q/k/v rows (B T, ...) -> outputs (B T, H d); k, v join its cache."""
+        B, T, cache, mask, causal, cos, sin = segment
+        q, k, v = qkv.view(B, T, -1).split(self.split, dim=-1)
+        q = _rotate(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, H, T, d)
+        k = _rotate(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k, v = cache.update(i, k, v)  # (B, Hkv, L, d): past and new
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, d)
+        return y.transpose(1, 2).reshape(B * T, -1)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
