@@ -131,7 +131,8 @@ def test_run_tasks_runs_two_kernels_at_once_with_one_thread_each(timed_course, m
 
 
 def test_run_tasks_a_lab_waits_for_the_asset_it_needs_and_a_failed_build_stops_it(timed_course):
-    tasks = [course.build_task("no-such-asset"), *_lab_tasks({"01-first": ("build no-such-asset",)})]
+    tasks = [course.cli_task("build no-such-asset", ["build", "no-such-asset"], beside=True),
+             *_lab_tasks({"01-first": ("build no-such-asset",)})]
     with pytest.raises(course.CourseError, match="llmlab build no-such-asset failed: .*unknown asset"):
         course.run_tasks(tasks, jobs=2)
     started = {lab for lab, what in _log(timed_course) if what == "start"} if timed_course.exists() else set()
@@ -205,5 +206,3 @@ def test_run_tasks_runs_a_task_beside_the_slots_at_once_and_at_a_higher_priority
     assert gate.is_set() and set(done) == {"slot", "slot 2", "beside"}
     if sys.platform == "linux":
         assert done["slot"] == done["slot 2"] == min(19, done["beside"] + course.SLOT_NICE)
-    with pytest.raises(ValueError, match="cannot wait"):
-        course.Task("x", niceness, ("slot",), beside=True)

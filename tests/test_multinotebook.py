@@ -6,7 +6,7 @@ import shutil
 
 import nbformat
 import pytest
-from conftest import ROOT
+from conftest import ROOT, llmlab
 
 from llmlab import course
 from llmlab.grading import pipeline, samples
@@ -84,3 +84,11 @@ def test_llmlab_course_grades_each_sample_in_its_own_task_then_reports_the_lab(t
     assert problems == []
     assert all(name in table for name in ("solution", "untouched", "bonus-only"))
     assert (tmp_path / "work" / "reports" / f"{LAB}-grades.csv").read_text().count("\n") == 4  # a header, 3 samples
+
+
+def test_llmlab_course_runs_and_grades_a_two_notebook_lab_and_prints_its_table(two_notebook_course):
+    proc = llmlab("course", cwd=two_notebook_course)  # LLMLAB_ROOT and LLMLAB_WORK point at the throwaway course
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in (f"{LAB}/1-main.ipynb: ok in", f"{LAB}/2-bonus.ipynb: ok in",
+                 f"{LAB}/solution: graded 3/3", f"{LAB}/bonus-only: graded 2/3", "course done in"):
+        assert line in proc.stdout, line

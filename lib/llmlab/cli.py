@@ -215,17 +215,22 @@ def cmd_course(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         _die("--jobs must be at least 1", 2)
     start = time.perf_counter()
-    print("== assets")
-    beside = {n: assets.get(n).needed_by for n in assets.missing() if assets.get(n).needed_by}
-    for name in [n for n in assets.missing() if n not in beside]:
-        _make(name, built=bool(assets.get(name).builder))
-    print(f"== release, run every lab (QUICK) and grade its sample submissions, {args.jobs} at once"
-          + "".join(f"; {n} is built beside them, for {', '.join(users)}" for n, users in beside.items()))
+    missing = assets.missing()
+    downloads = [n for n in missing if not assets.get(n).builder]
+    builds = {n: assets.get(n).needed_by or tuple(course.labs()) for n in missing if assets.get(n).builder}
+    print(f"== {args.jobs} at once: release, run every lab (QUICK) and grade its sample submissions"
+          + (f"; beside them, download {', '.join(downloads)}" if downloads else "")
+          + "".join(f"; build {n} for {', '.join(users)}" for n, users in builds.items()))
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # two single-threaded jobs do more on two cores than one with two threads
-    waits = {lab: tuple(f"build {n}" for n, users in beside.items() if lab in users) for lab in course.labs()}
-    tasks = [course.build_task(name) for name in beside] + [course.release_task()]
-    for lab in sorted(course.labs(), key=lambda lab: not waits[lab]):  # the labs behind a build first: the longest chain
+    fetched = ("fetch",) if downloads else ()  # the builds and every lab wait for the downloads
+    tasks = [course.cli_task("fetch", ["assets", "fetch", *downloads], beside=True)] if downloads else []
+    tasks += [course.cli_task(f"build {n}", ["build", n], fetched, beside=True) for n in builds]
+    tasks.append(course.cli_task("release", ["release"]))
+    behind = {lab: tuple(f"build {n}" for n, users in builds.items() if lab in users) for lab in course.labs()}
+    waits = {lab: (*fetched, *behind[lab]) for lab in course.labs()}
+    # the labs behind a build first (the longest chain), the others from the last: a short lab ends the queue
+    for lab in sorted(course.labs()[::-1], key=lambda lab: not behind[lab]):
         tasks += [course.run_task(lab, path, waits[lab]) for path in course.notebooks(lab)]
         tasks += samples.grade_tasks(lab, course.work_dir() / "samples" / lab, ("release", *waits[lab]),
                                      threads=1 if args.jobs > 1 else os.cpu_count() or 1)

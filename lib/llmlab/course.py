@@ -245,18 +245,14 @@ SLOT_NICE = 10  # the niceness of `run_tasks`' slots: a task run beside them get
 class Task:
     """One piece of work for `run_tasks`: `run()`, started once every task named in `after` is done.
 
-    A task `beside` the slots (it may wait for nothing) starts at once in its own thread, at
-    normal priority: what the rest of the work waits for longest.
+    A task `beside` the slots has a thread of its own and runs at normal priority: what the
+    rest of the work waits for longest (downloads, asset builds).
     """
 
     name: str
     run: Callable[[], object]
     after: tuple[str, ...] = ()
     beside: bool = False
-
-    def __post_init__(self):
-        if self.beside and self.after:
-            raise ValueError(f"task {self.name!r}: a task beside the slots starts at once; it cannot wait for others")
 
 
 def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
@@ -284,7 +280,11 @@ def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
     cond = threading.Condition()
 
     def execute(task: Task) -> bool:
-        """Run one task and record its result or its failure; False when it failed."""
+        """Run one task once what it comes after is done; record its result or its failure; False when it failed."""
+        with cond:
+            cond.wait_for(lambda: failed or all(d in done for d in task.after))
+            if failed:
+                return False
         try:
             result = task.run()
         except BaseException as e:  # noqa: BLE001 (re-raised by run_tasks)
@@ -328,32 +328,18 @@ def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
     return done
 
 
-def build_task(name: str) -> Task:
-    """A task that builds course asset `name` in a child process (`llmlab build NAME`) and says how long it took."""
+def cli_task(name: str, argv: list[str], after: tuple[str, ...] = (), beside: bool = False) -> Task:
+    """A task that runs `llmlab ARGV...` in a child process, prints its output and how long it took, and fails with it."""
     import subprocess
 
-    def build() -> None:
+    def run_cli() -> None:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "llmlab.cli", "build", name], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "llmlab.cli", *argv], capture_output=True, text=True)
         if done.returncode:
-            raise CourseError(f"llmlab build {name} failed: {done.stderr.strip()[-2000:]}")
-        print(f"{name}: built in {time.perf_counter() - start:.0f} s", flush=True)
+            raise CourseError(f"llmlab {' '.join(argv)} failed: {done.stderr.strip()[-2000:]}")
+        print(f"{done.stdout.rstrip()}\n{name}: done in {time.perf_counter() - start:.0f} s".lstrip(), flush=True)
 
-    return Task(f"build {name}", build, beside=True)
-
-
-def release_task() -> Task:
-    """A task that releases every lab, in every language, in a child process (`llmlab release`)."""
-    import subprocess
-
-    def release_all() -> None:
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "llmlab.cli", "release"], capture_output=True, text=True)
-        if done.returncode:
-            raise CourseError(f"llmlab release failed: {done.stderr.strip()[-2000:]}")
-        print(f"released {done.stdout.count('released ')} notebooks in {time.perf_counter() - start:.0f} s", flush=True)
-
-    return Task("release", release_all)
+    return Task(name, run_cli, after, beside)
 
 
 def run_task(lab: str, path: Path, after: tuple[str, ...] = ()) -> Task:
