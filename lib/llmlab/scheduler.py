@@ -2,12 +2,13 @@
 
 Read top-down: a request's life as a `Job` (its events flow back to the HTTP handler) ->
 `Metrics` -> the `Scheduler`, a thread whose every iteration (1) admits waiting jobs into free
-batch slots, (2) prefills one chunk of the oldest admitted prompt (or several whole short
-prompts in one left-padded pass, a burst of requests) and (3) runs one decode step over the
-running batch. A long prompt therefore never freezes the others' streams: its prefill is cut
-into chunks sized to cost about one decode step each (measured as it runs). The forward
-passes are `llmlab.serve_model`'s: for a Llama, fused projections and the head on the last
-position only.
+batch slots, (2) plans one prefill pass: the next chunk of the oldest admitted prompt, or
+several whole waiting prompts left-padded together (a burst of requests), and (3) runs one
+decode step over the running batch, with that prefill in the same forward pass when the
+decoder can (a Llama: `LlamaDecoder.next_logits_together`, the weights read once for both).
+A long prompt therefore never freezes the others' streams: its prefill is cut into chunks
+sized to cost about one decode step each (measured as it runs). The forward passes are
+`llmlab.serve_model`'s: for a Llama, fused projections and the head on the last position only.
 
 Admission counts every job the scheduler holds: `max_batch` running (prefilling included)
 plus `max_queue` waiting; one more gets 429 with a Retry-After estimated from the recent
@@ -173,7 +174,7 @@ class _Prefill:
 
 
 class Scheduler:
-    """Runs generation in one thread: admit, one prefill chunk, one decode step over the batch; repeat.
+    """Runs generation in one thread: admit, one prefill chunk and one decode step over the batch; repeat.
 
     Continuous batching: a new job does not wait for the batch to finish. Its prompt is
     prefilled chunk by chunk into a cache of its own, interleaved with the batch's decode

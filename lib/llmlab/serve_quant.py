@@ -62,6 +62,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.register_buffer("qweight", q.to(torch.int8).contiguous())  # (out, in), -127..127
         self.register_buffer("scale", scale.float().contiguous())  # (out,)
+        self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)  # the kernel's, cast once
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = _pack_int8(self.qweight, self.scale) if int8_activations else None
 
@@ -88,8 +89,7 @@ class Int8WeightOnlyLinear(nn.Module):
             amax = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
             y = torch.ops.quantized.linear_dynamic(x2 / amax, self.packed, False) * amax
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight,
-                                                   self.scale.to(torch.bfloat16))
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale_bf16)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
