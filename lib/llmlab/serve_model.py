@@ -10,6 +10,9 @@ SmolLM2-135M is a few milliseconds of that overhead on top of reading the weight
 per layer, RMSNorm -> one fused q/k/v matmul -> RoPE -> keys and values written in place into
 the `KVCache` -> SDPA (grouped-query heads without repeating keys) -> o_proj -> RMSNorm -> one
 fused gate/up matmul -> SiLU gate -> down_proj; then the head on the last position only.
+`next_logits_together` runs several batches (the running batch's decode step and a new
+prompt's prefill chunk) through one pass: their tokens share the matmuls, each keeps its own
+RoPE positions, cache and attention.
 The fused float weights share storage with the model's own (q_proj.weight becomes a view of
 the fused matrix), so the model still runs its own forward with no extra memory. Quantized
 projections (`llmlab.serve_quant`) fuse through their class's `fuse`.
