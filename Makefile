@@ -24,8 +24,8 @@ system:
 	    else echo "warning: missing $$missing and no root: grading falls back to the process sandbox, the browser test is skipped"; fi; \
 	  fi
 
-## course: the main job — assets (`llmlab build --missing`), release, every lab headless in QUICK mode,
-## grade sample submissions.
+## course: the main job — the missing assets (downloaded and built beside the rest), release, every lab
+## headless in QUICK mode, grade sample submissions; two at once on two cores.
 course: $(STAMP) system
 	$(BIN)/llmlab course
 
