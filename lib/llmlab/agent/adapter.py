@@ -43,7 +43,7 @@ class AdapterRecipe:
     """How the tool-use LoRA adapter is trained; with its training set, it is the asset's cache key."""
 
     base: str = "smollm2-135m-instruct"  # asset name of the model adapted
-    n_episodes: int = 120  # distinct training episodes (data.tool_episodes, split "train")
+    n_episodes: int = 240  # distinct training episodes (data.tool_episodes, split "train")
     n_chat: int = 40  # extra tool-free questions (data.instruction_pairs, split "train"), answered directly
     max_steps: int = 50  # optimizer steps: 50 x 8 = 400 examples (24 x 8 left it undertrained: 2/30 held out)
     batch_size: int = 8  # examples (assistant turns) per step; the shared prompt runs once per step
