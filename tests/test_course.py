@@ -131,7 +131,7 @@ def test_run_tasks_runs_two_kernels_at_once_with_one_thread_each(timed_course, m
 
 
 def test_run_tasks_a_lab_waits_for_the_asset_it_needs_and_a_failed_build_stops_it(timed_course):
-    tasks = [course.cli_task("build no-such-asset", ["build", "no-such-asset"], beside=True),
+    tasks = [course.cli_task("build no-such-asset", ["build", "no-such-asset"]),
              *_lab_tasks({"01-first": ("build no-such-asset",)})]
     with pytest.raises(course.CourseError, match="llmlab build no-such-asset failed: .*unknown asset"):
         course.run_tasks(tasks, jobs=2)
@@ -189,20 +189,3 @@ def test_run_tasks_raises_the_first_failure_and_starts_nothing_after_it():
         course.run_tasks(tasks, jobs=2)
     assert ran == []
 
-
-def test_run_tasks_runs_a_task_beside_the_slots_at_once_and_at_a_higher_priority_than_theirs():
-    import os
-    import sys
-    import threading
-
-    def niceness():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    gate = threading.Event()
-    tasks = [course.Task("slot", lambda: (gate.wait(10), niceness())[1]),
-             course.Task("slot 2", niceness),
-             course.Task("beside", lambda: (gate.set(), niceness())[1], beside=True)]  # the one slot is busy
-    done = course.run_tasks(tasks, jobs=1)
-    assert gate.is_set() and set(done) == {"slot", "slot 2", "beside"}
-    if sys.platform == "linux":
-        assert done["slot"] == done["slot 2"] == min(19, done["beside"] + course.SLOT_NICE)

@@ -218,14 +218,14 @@ def cmd_course(args: argparse.Namespace) -> int:
     missing = assets.missing()
     downloads = [n for n in missing if not assets.get(n).builder]
     builds = {n: assets.get(n).needed_by or tuple(course.labs()) for n in missing if assets.get(n).builder}
-    print(f"== {args.jobs} at once: release, run every lab (QUICK) and grade its sample submissions"
-          + (f"; beside them, download {', '.join(downloads)}" if downloads else "")
-          + "".join(f"; build {n} for {', '.join(users)}" for n, users in builds.items()))
+    print(f"== {args.jobs} at once: " + (f"download {', '.join(downloads)}; " if downloads else "")
+          + "".join(f"build {n} for {', '.join(users)}; " for n, users in builds.items())
+          + "release, run every lab (QUICK) and grade its sample submissions")
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # two single-threaded jobs do more on two cores than one with two threads
     fetched = ("fetch",) if downloads else ()  # the builds and every lab wait for the downloads
-    tasks = [course.cli_task("fetch", ["assets", "fetch", *downloads], beside=True)] if downloads else []
-    tasks += [course.cli_task(f"build {n}", ["build", n], fetched, beside=True) for n in builds]
+    tasks = [course.cli_task("fetch", ["assets", "fetch", *downloads])] if downloads else []
+    tasks += [course.cli_task(f"build {n}", ["build", n], fetched) for n in builds]  # first: they start the longest chain
     tasks.append(course.cli_task("release", ["release"]))
     behind = {lab: tuple(f"build {n}" for n, users in builds.items() if lab in users) for lab in course.labs()}
     waits = {lab: (*fetched, *behind[lab]) for lab in course.labs()}

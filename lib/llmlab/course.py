@@ -238,31 +238,23 @@ def check_completed(executed: Path) -> None:
                                  "the notebook stopped early (sys.exit? os._exit? a dead kernel?)")
 
 
-SLOT_NICE = 10  # the niceness of `run_tasks`' slots: a task run beside them gets the CPU first
-
-
 @dataclass
 class Task:
-    """One piece of work for `run_tasks`: `run()`, started once every task named in `after` is done.
-
-    A task `beside` the slots has a thread of its own and runs at normal priority: what the
-    rest of the work waits for longest (downloads, asset builds).
-    """
+    """One piece of work for `run_tasks`: `run()`, started once every task named in `after` is done."""
 
     name: str
     run: Callable[[], object]
     after: tuple[str, ...] = ()
-    beside: bool = False
 
 
 def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
-    """Run `tasks`, `jobs` at once (plus those beside), each when what it comes after is done; return {name: result}.
+    """Run `tasks`, `jobs` at once, each as soon as what it comes after is done; return {name: result}.
 
     A free slot takes the first task, in list order, whose dependencies are done, so no slot
-    waits while some task is ready; list the longest chain first. The slots' threads, and the
-    processes they start, run at nice SLOT_NICE (Linux), so a task beside them, the start of
-    the longest chain, is not slowed by the work that fills the other core and the idle moments
-    of both. The first failure stops further starts and is raised once the running tasks end.
+    waits while some task is ready; list the longest chain first. No task runs beside the
+    slots at a higher priority: Linux's autogroups give every session (each kernel and grading
+    child starts one) an equal share whatever its nice value, so an extra job only slows the
+    others. The first failure stops further starts and is raised once the running tasks end.
     """
     import threading
 
@@ -276,15 +268,11 @@ def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
             raise ValueError(f"tasks that wait for a missing or circular dependency: {[t.name for t in pending]}")
         known |= {t.name for t in ready}
         pending = [t for t in pending if t not in ready]
-    pending, done, failed = [t for t in tasks if not t.beside], {}, []
+    pending, done, failed = list(tasks), {}, []
     cond = threading.Condition()
 
     def execute(task: Task) -> bool:
-        """Run one task once what it comes after is done; record its result or its failure; False when it failed."""
-        with cond:
-            cond.wait_for(lambda: failed or all(d in done for d in task.after))
-            if failed:
-                return False
+        """Run one task and record its result or its failure; False when it failed."""
         try:
             result = task.run()
         except BaseException as e:  # noqa: BLE001 (re-raised by run_tasks)
@@ -299,10 +287,6 @@ def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
         return True
 
     def slot() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SLOT_NICE)  # this thread only, on Linux
-        except (AttributeError, OSError):
-            pass
         while True:
             with cond:
                 while True:
@@ -316,8 +300,7 @@ def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
             if not execute(task):
                 return
 
-    threads = [threading.Thread(target=execute, args=(t,), daemon=True) for t in tasks if t.beside]
-    threads += [threading.Thread(target=slot, daemon=True) for _ in range(max(1, min(jobs, len(pending))))]
+    threads = [threading.Thread(target=slot, daemon=True) for _ in range(max(1, min(jobs, len(tasks))))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -328,7 +311,7 @@ def run_tasks(tasks: list[Task], jobs: int = 2) -> dict[str, object]:
     return done
 
 
-def cli_task(name: str, argv: list[str], after: tuple[str, ...] = (), beside: bool = False) -> Task:
+def cli_task(name: str, argv: list[str], after: tuple[str, ...] = ()) -> Task:
     """A task that runs `llmlab ARGV...` in a child process, prints its output and how long it took, and fails with it."""
     import subprocess
 
@@ -339,7 +322,7 @@ def cli_task(name: str, argv: list[str], after: tuple[str, ...] = (), beside: bo
             raise CourseError(f"llmlab {' '.join(argv)} failed: {done.stderr.strip()[-2000:]}")
         print(f"{done.stdout.rstrip()}\n{name}: done in {time.perf_counter() - start:.0f} s".lstrip(), flush=True)
 
-    return Task(name, run_cli, after, beside)
+    return Task(name, run_cli, after)
 
 
 def run_task(lab: str, path: Path, after: tuple[str, ...] = ()) -> Task:
