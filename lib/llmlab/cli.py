@@ -217,7 +217,9 @@ def cmd_course(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     missing = assets.missing()
     downloads = [n for n in missing if not assets.get(n).builder]
-    builds = {n: assets.get(n).needed_by or tuple(course.labs()) for n in missing if assets.get(n).builder}
+    labs = course.labs()  # a built asset that names none of this course's labs is not built for it
+    builds = {n: users for n in missing if assets.get(n).builder
+              if (users := tuple(lab for lab in assets.get(n).needed_by or labs if lab in labs))}
     print(f"== {args.jobs} at once: " + (f"download {', '.join(downloads)}; " if downloads else "")
           + "".join(f"build {n} for {', '.join(users)}; " for n, users in builds.items())
           + "release, run every lab (QUICK) and grade its sample submissions")
