@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import sys
 import time
 from importlib import metadata
@@ -229,15 +228,15 @@ def cmd_course(args: argparse.Namespace) -> int:
     tasks = [course.cli_task("fetch", ["assets", "fetch", *downloads])] if downloads else []
     tasks += [course.cli_task(f"build {n}", ["build", n], fetched) for n in builds]  # first: they start the longest chain
     tasks.append(course.cli_task("release", ["release"]))
-    behind = {lab: tuple(f"build {n}" for n, users in builds.items() if lab in users) for lab in course.labs()}
-    waits = {lab: (*fetched, *behind[lab]) for lab in course.labs()}
+    behind = {lab: tuple(f"build {n}" for n, users in builds.items() if lab in users) for lab in labs}
+    waits = {lab: (*fetched, *behind[lab]) for lab in labs}
     # the labs behind a build first (the longest chain), the others from the last: a short lab ends the queue
-    for lab in sorted(course.labs()[::-1], key=lambda lab: not behind[lab]):
+    for lab in sorted(labs[::-1], key=lambda lab: not behind[lab]):
         tasks += [course.run_task(lab, path, waits[lab]) for path in course.notebooks(lab)]
         tasks += samples.grade_tasks(lab, course.work_dir() / "samples" / lab, ("release", *waits[lab]),
                                      threads=1 if args.jobs > 1 else os.cpu_count() or 1)
     done = course.run_tasks(tasks, args.jobs)
-    reports = [done[f"report {lab}"] for lab in course.labs()]
+    reports = [done[f"report {lab}"] for lab in labs]
     print("\n\n".join(table for table, _ in reports))
     print(f"\ncourse done in {time.perf_counter() - start:.0f} s; grades and feedback under {course.work_dir()}")
     failures = [line for _, problems in reports for line in problems]
