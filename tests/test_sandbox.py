@@ -1,9 +1,14 @@
 """The wire format and the sandbox on their own: values cross as plain data, limits hold."""
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import math
+import subprocess
+import sys
 
+import nbformat
 import pytest
 import torch
 
@@ -46,7 +51,6 @@ def test_objects_that_are_not_plain_data_are_refused():
 
 
 def test_answers_come_only_from_solution_cells_by_grade_id(tmp_path):
-    import nbformat
 
     meta = {"nbgrader": {"grade": False, "grade_id": "ex", "locked": False, "schema_version": 3, "solution": True, "task": False}}
     test_meta = {"nbgrader": {"grade": True, "grade_id": "test-ex", "locked": True, "points": 1, "schema_version": 3,
@@ -72,6 +76,29 @@ def test_static_check_names_forbidden_calls():
     assert "llmlab.attention" in subset.refusal("from llmlab.attention import causal_mask", forbidden)
     assert "MultiheadAttention" in subset.refusal("m = torch.nn.MultiheadAttention(8, 2)", forbidden)
     assert subset.refusal("def scaled_dot_product_attention(q, k, v):\n    return q @ k.T @ v", forbidden) is None
+
+
+def test_the_subset_finds_modules_without_importing_them():
+    """Whether a forbidden name is a module is read off the disk: the grading process imports none of the
+    labs' libraries to decide it, and the answer agrees with importlib's for every lab's forbidden names."""
+    names = sorted({n for nb in root().glob("solutions/*/*.ipynb")
+                    for n in nbformat.read(nb, as_version=4).metadata["llmlab"]["forbidden"]})
+    assert len(names) > 40
+    probe = ("import json, sys\nfrom llmlab.grading import subset\n"
+             f"names = {names + ['os.path', 'torch.nn.functional', 'torch.nosuch', 'nosuch.x']!r}\n"
+             "found = {n: subset._module_of(n) for n in names}\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'faiss', 'llmlab.serve') if m in sys.modules)\n"
+             "print(json.dumps([found, heavy]))")
+    found, heavy = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert heavy == []
+    for name, is_module in found.items():
+        try:
+            want = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            want = False
+        assert is_module == want, name
+    assert found["llmlab.attention"] and found["torch.nn.functional"] and found["os.path"]
+    assert not found["torch.nn.MultiheadAttention"] and not found["torch.nosuch"] and not found["nosuch.x"]
 
 
 LIMITS = dict(memory_mb=2048, fsize_mb=8, tmp_mb=64, reply_mb=16, cpu_s=300, nproc=128, output_bytes=4096, cell_s=8, call_s=8,

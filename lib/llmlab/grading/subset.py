@@ -13,8 +13,10 @@ student has no way to reach it (no `gc`, no frames, no dunder attributes, no com
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import re
+import sys
 
 from llmlab.i18n import N_, _
 
@@ -58,10 +60,19 @@ FORMAT_FIELD = re.compile(r"\{[^{}]*[.\[]\s*_")  # "{0.__class__}", "{x[_y]}": a
 
 
 def _module_of(name: str) -> bool:
+    """True when `name` is a module: imported already, or found on disk without running any package's code."""
+    if name in sys.modules:  # includes aliases such as os.path
+        return True
+    parts = name.split(".")
     try:
-        return importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(parts[0])  # a top-level name imports nothing
     except (ImportError, ValueError):
         return False
+    for i in range(1, len(parts)):  # a submodule: look in the parent's folders instead of importing it
+        if spec is None or spec.submodule_search_locations is None:
+            return False
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), list(spec.submodule_search_locations))
+    return spec is not None
 
 
 def _dotted(node: ast.AST) -> str:
