@@ -22,7 +22,7 @@ system-browser: system
 
 # apt_install(packages, what happens without them): install the Debian packages named, if any, as root or with sudo
 define apt_install
-missing="$(strip $(1))"; missing=$$(echo $$missing); \
+missing=$$(echo $(1)); \
   if [ -n "$$missing" ]; then \
     if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
     elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; \

@@ -51,7 +51,6 @@ def test_objects_that_are_not_plain_data_are_refused():
 
 
 def test_answers_come_only_from_solution_cells_by_grade_id(tmp_path):
-
     meta = {"nbgrader": {"grade": False, "grade_id": "ex", "locked": False, "schema_version": 3, "solution": True, "task": False}}
     test_meta = {"nbgrader": {"grade": True, "grade_id": "test-ex", "locked": True, "points": 1, "schema_version": 3,
                               "solution": False, "task": False}}
