@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install the course into a Python environment — the one recipe used by `make` (.venv), the
-# Docker images and CI: torch first at the course's pin, then llmlab with torch held fixed,
-# then the Jupyter kernel. nbgrader's lab and server extensions come enabled with nbgrader.
+# Docker images and CI: torch first at the course's pin (pip, so the machine's pip settings and
+# TORCH_INDEX choose the build), then llmlab with torch held fixed (uv, which installs the ~170
+# packages in parallel; pip if uv cannot), then the Jupyter kernel. nbgrader's lab and server
+# extensions come enabled with nbgrader. Bytecode is written on first import, unless COMPILE=1
+# (the images, so that every user's first start is quick).
 #
 #   PYTHON=.venv/bin/python docker/install-course.sh             # laptop / CI (CPU torch)
 #   TORCH_INDEX=https://download.pytorch.org/whl/cu128 ...       # a CUDA build for GPU images
-#   EDITABLE=0 EXTRAS=course docker/install-course.sh            # images: a regular install
+#   EDITABLE=0 EXTRAS=course docker/install-course.sh            # a regular install
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,15 +17,24 @@ PYTHON=${PYTHON:-python3}
 TORCH_INDEX=${TORCH_INDEX:-}         # empty: the default index
 EXTRAS=${EXTRAS:-course,test}
 EDITABLE=${EDITABLE:-1}
+COMPILE=${COMPILE:-0}                # 1: compile every module's bytecode at install time
 
 pin=$(mktemp)
 trap 'rm -f "$pin"' EXIT
 echo "torch==${TORCH_VERSION}" > "$pin"
 
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$PYTHON" -m pip install --quiet --disable-pip-version-check ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
+pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+if [ "$COMPILE" != 1 ]; then pip+=(--no-compile); fi
+"${pip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
+"${pip[@]}" uv
 if [ "$EDITABLE" = 1 ]; then target=(-e ".[${EXTRAS}]"); else target=(".[${EXTRAS}]"); fi
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -c "$pin" "${target[@]}"
+uv=("$PYTHON" -m uv pip install --quiet --python "$PYTHON")
+if [ "$COMPILE" = 1 ]; then uv+=(--compile-bytecode); fi
+if ! "${uv[@]}" -c "$pin" "${target[@]}"; then
+  echo "install-course: uv could not install the course; trying pip" >&2
+  "${pip[@]}" --upgrade pip
+  "${pip[@]}" -c "$pin" "${target[@]}"
+fi
 "$PYTHON" - <<PY
 import torch
 version = torch.__version__.split("+")[0]
