@@ -3,8 +3,10 @@
 # Docker images and CI: torch first at the course's pin (pip, so the machine's pip settings and
 # TORCH_INDEX choose the build), then llmlab with torch held fixed (uv, which installs the ~170
 # packages in parallel; pip if uv cannot), then the Jupyter kernel. nbgrader's lab and server
-# extensions come enabled with nbgrader. Bytecode is written on first import, unless COMPILE=1
-# (the images, so that every user's first start is quick).
+# extensions come enabled with nbgrader. Bytecode is compiled at install time, on every core (uv for
+# what it installs, compileall for torch): it must be there before the first import, since a
+# process that may not write it (PYTHONDONTWRITEBYTECODE, a read-only sandbox) compiles every
+# module it imports from source at every start.
 #
 #   PYTHON=.venv/bin/python docker/install-course.sh             # laptop / CI (CPU torch)
 #   TORCH_INDEX=https://download.pytorch.org/whl/cu128 ...       # a CUDA build for GPU images
@@ -17,24 +19,23 @@ PYTHON=${PYTHON:-python3}
 TORCH_INDEX=${TORCH_INDEX:-}         # empty: the default index
 EXTRAS=${EXTRAS:-course,test}
 EDITABLE=${EDITABLE:-1}
-COMPILE=${COMPILE:-0}                # 1: compile every module's bytecode at install time
 
 pin=$(mktemp)
 trap 'rm -f "$pin"' EXIT
 echo "torch==${TORCH_VERSION}" > "$pin"
 
-pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
-if [ "$COMPILE" != 1 ]; then pip+=(--no-compile); fi
+pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check --no-compile)
 "${pip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
 "${pip[@]}" uv
 if [ "$EDITABLE" = 1 ]; then target=(-e ".[${EXTRAS}]"); else target=(".[${EXTRAS}]"); fi
-uv=("$PYTHON" -m uv pip install --quiet --python "$PYTHON")
-if [ "$COMPILE" = 1 ]; then uv+=(--compile-bytecode); fi
+uv=("$PYTHON" -m uv pip install --quiet --python "$PYTHON" --compile-bytecode)
 if ! "${uv[@]}" -c "$pin" "${target[@]}"; then
   echo "install-course: uv could not install the course; trying pip" >&2
   "${pip[@]}" --upgrade pip
   "${pip[@]}" -c "$pin" "${target[@]}"
 fi
+"$PYTHON" -m compileall -q -j 0 -x '/testing/_internal/' \
+  "$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" >/dev/null  # its test helpers hold Python 3.12 syntax
 "$PYTHON" - <<PY
 import torch
 version = torch.__version__.split("+")[0]
