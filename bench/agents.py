@@ -51,6 +51,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="which held-out episodes (default 0)")
     p.add_argument("--adapter-seed", type=int, default=None,
                    help="build the adapter with this recipe seed first (default: the cached one as it is)")
+    p.add_argument("--adapter-recipe", type=json.loads, default={},
+                   help="adapter recipe fields that differ from the registry's, as JSON, built first "
+                        "(e.g. '{\"max_steps\": 40}')")
     p.add_argument("--adapter-only", action="store_true", help="skip the prompted-only baseline")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -68,8 +71,10 @@ def main() -> None:
     default_seed = agent.AdapterRecipe(**assets.get(name).recipe).seed
     # the registry's own seed builds the registry's recipe, which lab 6 and `doctor` expect
     change = {} if args.adapter_seed in (None, default_seed) else {"seed": args.adapter_seed}
-    if args.adapter_seed is not None and not (assets.is_cached(name) and _manifest(name)["recipe_key"]
-                                              == assets.recipe_key(name, {**assets.get(name).recipe, **change})):
+    change.update(args.adapter_recipe)
+    if (args.adapter_seed is not None or change) and not (
+            assets.is_cached(name) and _manifest(name)["recipe_key"]
+            == assets.recipe_key(name, {**assets.get(name).recipe, **change})):
         assets.build(name, device=args.device, **change)
     adapter = agent.tool_use_adapter(device=args.device)
     print(f"adapter {_manifest(name)['recipe']} ready in {time.perf_counter() - start:.0f} s")
@@ -80,7 +85,7 @@ def main() -> None:
         report(label, episodes, result)
         del backend
     if change:
-        print(f"\nthe cache now holds the adapter of recipe seed {args.adapter_seed}, which lab 6 will load; "
+        print(f"\nthe cache now holds the adapter of recipe {change}, which lab 6 will load; "
               f"`llmlab build {name}` puts back the registry's recipe")
 
 

@@ -98,6 +98,9 @@ def test_dropout_acts_on_the_adapter_path_only():
     ({"lora_dropout": -0.1}, "LoraConfig.lora_dropout"), ({"target_modules": ()}, "LoraConfig.target_modules"),
     ({"target_modules": ["q_proj", ""]}, "LoraConfig.target_modules"),
     ({"target_modules": [3]}, "LoraConfig.target_modules"),
+    ({"layers_to_transform": ()}, "LoraConfig.layers_to_transform"),
+    ({"layers_to_transform": [-1]}, "LoraConfig.layers_to_transform"),
+    ({"layers_to_transform": [1.0]}, "LoraConfig.layers_to_transform"),
 ])
 def test_lora_config_names_the_bad_field(fields, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -265,6 +268,18 @@ def test_parity_with_peft_count_and_outputs():
     assert torch.allclose(merged(input_ids=x).logits, ours(x).logits, atol=1e-5)
     assert lora.to_peft_key("model.layers.0.self_attn.q_proj.lora_B.weight", "x") == \
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.x.weight"
+
+
+def test_layers_to_transform_wraps_the_blocks_peft_wraps():
+    from peft import LoraConfig, get_peft_model
+
+    ours = tiny_llama()
+    names = lora.inject(ours, lora.LoraConfig(r=4, target_modules=("q_proj", "down_proj"), layers_to_transform=1))
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]))
+    assert names == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert lora.trainable_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+    with pytest.raises(ValueError, match="no target_modules match inside those blocks"):
+        lora.inject(tiny_llama(), lora.LoraConfig(target_modules=("q_proj",), layers_to_transform=(7,)))
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -92,6 +93,8 @@ class LoraConfig:
     lora_dropout: float = 0.0  # dropout on the adapter's input (never on the frozen path)
     # layers to wrap: a name matches when it is a target or ends with "." + a target (peft's rule)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # only the targets inside these blocks (the N of "layers.N."); None: every block
+    layers_to_transform: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _check_shape(self.r, self.lora_alpha, self.lora_dropout, "LoraConfig.")
@@ -100,6 +103,13 @@ class LoraConfig:
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(f"LoraConfig.target_modules must be non-empty names, got {self.target_modules!r}")
         self.target_modules = targets
+        layers = self.layers_to_transform
+        if layers is not None:
+            layers = (layers,) if isinstance(layers, int) else tuple(layers)
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ValueError(f"LoraConfig.layers_to_transform must be block indices >= 0, got "
+                                 f"{self.layers_to_transform!r}")
+            self.layers_to_transform = layers
 
     @property
     def scaling(self) -> float:
@@ -192,6 +202,12 @@ def match_targets(names: Iterable[str], target_modules: Sequence[str]) -> list[s
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
+def in_layers(names: Iterable[str], layers: Sequence[int]) -> list[str]:
+    """The names inside one of the blocks `layers`: "model.layers.3.mlp.up_proj" is in block 3 (peft's layers_pattern)."""
+    found = [(n, re.search(r"(?:^|\.)layers\.(\d+)\.", n)) for n in names]
+    return [n for n, m in found if m and int(m.group(1)) in layers]
+
+
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` where the dotted path `name` points; return the module it replaced.
 
@@ -231,7 +247,8 @@ def inject(model: nn.Module, config: LoraConfig | Sequence[str], **fields: Any) 
     """Freeze `model` and wrap each nn.Linear named by `config.target_modules` in a LoRALinear, in place.
 
     `config` is a LoraConfig, or the target_modules themselves with LoraConfig's other fields
-    as keywords: `inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)`. Returns the dotted
+    as keywords: `inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)`; with
+    `layers_to_transform`, only the targets inside those blocks are wrapped. Returns the dotted
     names of the wrapped layers. Raises ValueError if nothing matches, if a match is not an
     nn.Linear (GPT-2's Conv1D, an embedding...) or if adapters are present already.
     """
@@ -247,6 +264,11 @@ def inject(model: nn.Module, config: LoraConfig | Sequence[str], **fields: Any) 
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
         raise ValueError(f"target_modules={list(config.target_modules)!r} matched no module; "
                          f"Linear layers here are named like {linear}")
+    if config.layers_to_transform is not None:
+        names = in_layers(names, config.layers_to_transform)
+        if not names:
+            raise ValueError(f"layers_to_transform={list(config.layers_to_transform)!r}: no target_modules "
+                             "match inside those blocks (names like 'model.layers.N.self_attn.q_proj')")
     for name in names:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise ValueError(f"target_modules: {_not_linear(name, model.get_submodule(name))}")
