@@ -88,6 +88,17 @@ def test_torch_pin_agrees_everywhere():
     assert torch.__version__.split("+")[0] == pins["docker/install-course.sh"]
 
 
+def test_the_environment_has_its_bytecode_compiled():
+    """install-course.sh compiles at install: a process that may not write bytecode (PYTHONDONTWRITEBYTECODE,
+    the read-only sandbox) would otherwise compile every module it imports from source, at every start."""
+    import importlib.util
+
+    for module in ("torch", "torch.nn.modules.linear", "transformers", "nbgrader", "nbformat", "llmlab.grading.worker"):
+        source = importlib.util.find_spec(module).origin
+        if "site-packages" in source:  # the course itself is an editable install: its own files are compiled on use
+            assert Path(importlib.util.cache_from_source(source)).is_file(), f"no bytecode for {source}"
+
+
 def test_images_install_through_the_shared_script():
     for dockerfile in ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu"):
         assert "docker/install-course.sh" in (ROOT / dockerfile).read_text()
