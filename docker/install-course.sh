@@ -32,7 +32,7 @@ uv=("$PYTHON" -m uv pip install --quiet --python "$PYTHON" --compile-bytecode)
 if ! "${uv[@]}" -c "$pin" "${target[@]}"; then
   echo "install-course: uv could not install the course; trying pip" >&2
   "${pip[@]}" --upgrade pip
-  "${pip[@]}" -c "$pin" "${target[@]}"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check -c "$pin" "${target[@]}"  # compiles what it installs
 fi
 "$PYTHON" -m compileall -q -j 0 -x '/testing/_internal/' \
   "$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" >/dev/null  # its test helpers hold Python 3.12 syntax
