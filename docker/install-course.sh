@@ -24,15 +24,15 @@ pin=$(mktemp)
 trap 'rm -f "$pin"' EXIT
 echo "torch==${TORCH_VERSION}" > "$pin"
 
-pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check --no-compile)
-"${pip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
-"${pip[@]}" uv
+pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"  # compiled below
+"${pip[@]}" --no-compile uv
 if [ "$EDITABLE" = 1 ]; then target=(-e ".[${EXTRAS}]"); else target=(".[${EXTRAS}]"); fi
 uv=("$PYTHON" -m uv pip install --quiet --python "$PYTHON" --compile-bytecode)
 if ! "${uv[@]}" -c "$pin" "${target[@]}"; then
   echo "install-course: uv could not install the course; trying pip" >&2
   "${pip[@]}" --upgrade pip
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check -c "$pin" "${target[@]}"  # compiles what it installs
+  "${pip[@]}" -c "$pin" "${target[@]}"  # pip compiles what it installs
 fi
 "$PYTHON" -m compileall -q -j 0 -x '/testing/_internal/' \
   "$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" >/dev/null  # its test helpers hold Python 3.12 syntax
