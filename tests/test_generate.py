@@ -371,3 +371,22 @@ def test_complete_ends_at_a_stop_string(course_gpt):
     full = G.complete(model, tok, "ROMEO.", 30)
     cut = full[3:6]
     assert G.complete(model, tok, "ROMEO.", 30, stop=[cut]) == full[:full.index(cut)]
+
+
+def test_a_hugging_face_model_extends_the_kv_cache_in_place():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    decoder, cache = G.Decoder(model), G.KVCache()
+    chunks = [decoder.forward(ids[:, :8], cache), decoder.forward(ids[:, 8:9], cache)]
+    storage = cache.keys[0].untyped_storage().data_ptr()
+    chunks += [decoder.forward(ids[:, i:i + 1], cache) for i in range(9, 12)]
+    assert cache.keys[0].untyped_storage().data_ptr() == storage, "a decoding step copied the past"
+    assert len(cache) == cache.get_seq_length() == 12 and cache.keys[1].shape == (2, 2, 12, 8)
+    with torch.no_grad():
+        full = model(ids).logits
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)

@@ -203,14 +203,8 @@ class Decoder:
         if cache is None:
             out = self.model(input_ids, attention_mask=full_mask, position_ids=positions, use_cache=False)
             return out.logits.float()
-        from transformers import DynamicCache
-
-        # Hugging Face's own cache object, filled with our tensors (no copy), read back after.
-        hf_cache = (DynamicCache(ddp_cache_data=list(zip(cache.keys, cache.values)), config=self.model.config)
-                    if cache.keys else DynamicCache(config=self.model.config))
         out = self.model(input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                         **{self._cache_arg: hf_cache})
-        cache.set_layers([layer.keys for layer in hf_cache.layers], [layer.values for layer in hf_cache.layers])
+                         **{self._cache_arg: cache.as_hf_cache(self.model.config)})  # extends `cache` in place
         return out.logits.float()
 
 

@@ -6,11 +6,15 @@ and appends the new tokens' keys and values layer by layer; `llmlab.generate` an
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # transformers is slow to import; only Hugging Face models need it
+    import transformers
 
 
 class KVCache:
@@ -77,10 +81,20 @@ class KVCache:
         self.keys[layer], self.values[layer] = buffers[0][..., :past + T, :], buffers[1][..., :past + T, :]
         return self.keys[layer], self.values[layer]
 
-    def set_layers(self, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Replace every layer's keys and values (B, H, L, d) at once (read back from a model's own cache)."""
-        self.keys, self.values = list(keys), list(values)
-        self._buffers = {}
+    def as_hf_cache(self, config: "transformers.PretrainedConfig") -> "transformers.DynamicCache":
+        """This cache as a Hugging Face `DynamicCache` for `config`'s model: its layers append here, in place.
+
+        HF's own layers grow by `torch.cat`, copying the whole past at every step (a third of
+        a decoding step's time for SmolLM2 behind a 350-token system prompt); these write into
+        this cache's buffers instead, so the model's forward extends this cache directly.
+        """
+        from transformers import DynamicCache
+
+        hf_cache = DynamicCache(config=config)
+        if any(type(layer) is not _hf_layer_class().__base__ for layer in hf_cache.layers):
+            raise ValueError("KVCache holds full-attention layers only (this model has sliding-window layers)")
+        hf_cache.layers = [_hf_layer_class()(self, i) for i in range(len(hf_cache.layers))]
+        return hf_cache
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions."""
@@ -133,3 +147,26 @@ class KVCache:
         out.values = [torch.cat(layer, dim=0) for layer in zip(*(c.values for c in padded))]
         out.mask = torch.cat([c.mask for c in padded], dim=0)
         return out
+
+
+@functools.cache
+def _hf_layer_class() -> type:
+    """The Hugging Face cache layer behind `KVCache.as_hf_cache`, made on first use (no transformers import before)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class KVCacheLayer(DynamicLayer):
+        """One layer of a `KVCache`, seen by a Hugging Face model as a `DynamicLayer`."""
+
+        def __init__(self, cache: KVCache, index: int):
+            super().__init__()
+            self.cache, self.index = cache, index
+            if index < len(cache.keys):
+                self.keys, self.values = cache.keys[index], cache.values[index]
+                self.device, self.is_initialized = self.keys.device, True
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            self.device, self.is_initialized = key_states.device, True
+            self.keys, self.values = self.cache.update(self.index, key_states, value_states)
+            return self.keys, self.values
+
+    return KVCacheLayer
