@@ -547,7 +547,11 @@ def test_real_smollm2_fetch_converts_and_chats(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
-    assets.fetch("smollm2-135m-instruct")  # download 93 MB, convert the GGUF (~30 s)
+    import gguf
+
+    parse, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    assets.fetch("smollm2-135m-instruct")  # download 93 MB, convert the GGUF
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (parse, names), "the conversion's memos outlive it"
     path = assets.resolve("smollm2-135m-instruct")
     assets.verify("smollm2-135m-instruct")
     model = AutoModelForCausalLM.from_pretrained(path)

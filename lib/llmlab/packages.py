@@ -131,18 +131,21 @@ def gguf_to_llama(src: Path, dst: Path) -> None:
     transformers de-quantizes the GGUF tensors (needs the `gguf` package); loading them into a
     plain `LlamaForCausalLM(config)` leaves no quantizer attached, so `save_pretrained` writes
     ordinary float32 safetensors that reload in about a second. The tokenizer keeps the chat
-    template stored in the GGUF.
+    template stored in the GGUF. The file is parsed once (`_gguf_parsed_once`), and the model's
+    random init, which the GGUF's tensors overwrite, is skipped.
     """
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     (gguf,) = src.glob("*.gguf")
-    with _transformers_bars(), tqdm(total=4, desc=f"convert {gguf.name}", unit="step", leave=False,
-                                    disable=None) as steps:
+    with _transformers_bars(), _gguf_parsed_once(), tqdm(total=4, desc=f"convert {gguf.name}", unit="step",
+                                                         leave=False, disable=None) as steps:
         config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config  # the weights below are plain floats
-        model = LlamaForCausalLM(config)
+        with no_init_weights():
+            model = LlamaForCausalLM(config)
         steps.update()
         tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -156,6 +159,26 @@ def gguf_to_llama(src: Path, dst: Path) -> None:
         steps.update()
         AutoTokenizer.from_pretrained(src, gguf_file=gguf.name).save_pretrained(dst)
         steps.update()
+
+
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within it, each GGUF file is parsed once, and gguf's tensor-name table built once per architecture.
+
+    transformers reads the whole file anew for the config, the tensors and the tokenizer (its
+    vocabulary, string by string), and rebuilds the name table for every module it maps: most of
+    the conversion's time. Both are pure functions of their arguments here, and a GGUFReader is
+    only read from.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 @contextmanager
