@@ -4,7 +4,7 @@
 # TORCH_INDEX choose the build), then llmlab with torch held fixed (uv, which installs the ~170
 # packages in parallel; pip if uv cannot), then the Jupyter kernel. nbgrader's lab and server
 # extensions come enabled with nbgrader. Bytecode is compiled at install time, on every core (uv for
-# what it installs, compileall for torch): it must be there before the first import, since a
+# what it installs, compileall for torch and an editable llmlab): it must be there before the first import, since a
 # process that may not write it (PYTHONDONTWRITEBYTECODE, a read-only sandbox) compiles every
 # module it imports from source at every start.
 #
@@ -36,6 +36,7 @@ if ! "${uv[@]}" -c "$pin" "${target[@]}"; then
 fi
 "$PYTHON" -m compileall -q -j 0 -x '/testing/_internal/' \
   "$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" >/dev/null  # its test helpers hold Python 3.12 syntax
+if [ "$EDITABLE" = 1 ]; then "$PYTHON" -m compileall -q -j 0 lib >/dev/null; fi  # an editable install's own source
 "$PYTHON" - <<PY
 import torch
 version = torch.__version__.split("+")[0]

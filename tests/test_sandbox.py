@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmlab.course import root
-from llmlab.grading import protocol, sanitize, subset
+from llmlab.grading import libview, protocol, sanitize, subset
 from llmlab.grading.sandbox import Sandbox, SandboxError, isolation
 
 
@@ -327,3 +327,12 @@ def test_arguments_keep_requires_grad_as_in_a_notebook():
             ns["grad_of_square"](torch.tensor([1.0]))
     finally:
         sb.close()
+
+
+def test_a_library_view_carries_its_bytecode_so_no_sandboxed_worker_compiles_it(tmp_path):
+    """The sandbox mounts the view read-only: without bytecode in it, every worker compiles llmlab from source."""
+    view = libview.build(["llmlab.attention.apply_rope"], "attention", tmp_path)
+    code = f"import sys; sys.path.insert(0, {str(view)!r}); import llmlab.grading.worker, llmlab.attention, llmlab.checks"
+    log = subprocess.run([sys.executable, "-v", "-c", code], capture_output=True, text=True, check=True).stderr
+    loaded = [line for line in log.splitlines() if line.startswith("# code object from") and str(view) in line]
+    assert len(loaded) > 5 and all(line.endswith(".pyc'") for line in loaded), [l for l in loaded if ".pyc" not in l]
