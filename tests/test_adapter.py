@@ -13,12 +13,12 @@ from llmlab.agent.parse import system_prompt
 from llmlab.agent.tools import default_tools
 
 
-def _tiny_llama():
+def _tiny_llama(layers: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config)
 
@@ -42,15 +42,17 @@ def _batch(prefix_len: int = 9, lengths=(14, 22, 17), max_len: int = 24):
     return prefix, torch.stack(xs), torch.stack(ys)
 
 
-def test_the_shared_prefix_gives_the_full_forwards_loss_and_gradients():
+@pytest.mark.parametrize("blocks, adapted", [(2, None), (4, (2, 3))], ids=["every block adapted", "bottom 2 frozen"])
+def test_the_shared_prefix_gives_the_full_forwards_loss_and_gradients(blocks, adapted):
     import torch
     import torch.nn.functional as F
 
     from llmlab import lora
 
     prefix, x, y = _batch()
-    model = _tiny_llama()
-    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    model = _tiny_llama(blocks)
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj"),
+                                       layers_to_transform=adapted))
     for layer in lora.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.1)  # B = 0 at init would give zero A gradients
     real = torch.tensor([14, 22, 17])
@@ -60,12 +62,18 @@ def test_the_shared_prefix_gives_the_full_forwards_loss_and_gradients():
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    _, loss = adapter.shared_prefix_lm(model, prefix)(x, y)
-    loss.backward()
-    assert torch.allclose(loss, full, atol=1e-6)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(p.grad, want[name], atol=1e-6, rtol=1e-4), name
+    trainer = adapter.shared_prefix_lm(model, prefix)
+    assert set(trainer.state_dict()) == {f"model.{k}" for k in model.state_dict()}  # the halves are views, not copies
+    trainer(x[:1], y[:1])[1].backward()  # the first example alone: its frozen blocks' output is kept
+    model.zero_grad()
+    for _ in range(2):  # then a batch with one example seen and two new, then one with all three seen
+        _, loss = trainer(x, y)
+        loss.backward()
+        assert torch.allclose(loss, full, atol=1e-6)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad, want[name], atol=1e-6, rtol=1e-4), name
+        model.zero_grad()
     assert any(g.abs().max() > 1e-4 for g in want.values())  # the comparison is not between zeros
 
     other = prefix.clone()

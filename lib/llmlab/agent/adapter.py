@@ -33,7 +33,8 @@ def _tool_use_lora() -> "LoraConfig":
     """The adapter's shape: rank 8 on every linear layer of the top 15 of SmolLM2-135M's 30 blocks.
 
     With q_proj and v_proj alone the model learned the format but not *when* to look up. The
-    bottom blocks stay frozen, so backward stops at block 15 and keeps no activations below it:
+    bottom blocks stay frozen, so backward stops at block 15 and keeps no activations below it, and
+    the trainer runs each example through them once (`shared_prefix_lm`):
     a step costs much less than adapting all 30, at the same held-out success (README, lab 6).
     """
     from llmlab.lora import LoraConfig
@@ -113,10 +114,25 @@ def shared_prefix_lm(model: "torch.nn.Module", prefix: "torch.Tensor") -> "torch
     a target is. Autograd carries the gradients of every example back through the one
     prefix, so loss and gradients equal the full forward's (up to float rounding) while a
     batch of B costs about P + B x suffix tokens instead of B x (P + suffix).
+    The blocks below the first one with a trainable parameter never change (and have no
+    dropout), so the prefix goes through them once for the whole training, and each example
+    once however often it is drawn.
     The attention mask comes from the targets: tokens after an example's last target are
     padding (the pad token may be a real token elsewhere, e.g. <|im_end|>).
     """
     return _shared_prefix_class()(model, prefix)
+
+
+def _blocks_view(body: "torch.nn.Module", blocks: list, norm: "torch.nn.Module") -> "torch.nn.Module":
+    """A shallow copy of a Hugging Face decoder body that runs only `blocks` and ends with `norm`; it shares every module."""
+    import copy
+
+    import torch
+
+    view = copy.copy(body)
+    view._modules = dict(body._modules)  # its own table of children, the same children
+    view.layers, view.norm = torch.nn.ModuleList(blocks), norm
+    return view
 
 
 @functools.cache
@@ -130,13 +146,67 @@ def _shared_prefix_class() -> type:
     from llmlab.model import IGNORE_INDEX
     from llmlab.train import HFCausalLM
 
+    def trains(module: torch.nn.Module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
     class SharedPrefixLM(HFCausalLM):
         def __init__(self, model: torch.nn.Module, prefix: torch.Tensor):
             super().__init__(model)
             self.register_buffer("prefix", prefix.detach().clone().long(), persistent=False)  # (P,)
             # transformers 5 renamed the cache argument `past_key_values` to `cache`
-            names = inspect.signature(model.model.forward).parameters
+            body = model.model
+            names = inspect.signature(body.forward).parameters
             self.cache_arg = "cache" if "cache" in names else "past_key_values"
+            if trains(body.embed_tokens):
+                raise ValueError("shared_prefix_lm: the embeddings must be frozen (LoRA trains adapters only)")
+            blocks = list(body.layers)
+            n = next((i for i, block in enumerate(blocks) if trains(block)), len(blocks))
+            # a tuple, so that the views are not submodules: parameters and state_dict stay the model's
+            self.halves = (_blocks_view(body, blocks[:n], torch.nn.Identity()), _blocks_view(body, blocks[n:], body.norm))
+            self.frozen: tuple | None = None  # the prefix after the frozen blocks, and their keys and values
+            self.seen: dict[bytes, torch.Tensor] = {}  # an example's tokens -> its hidden states after the frozen blocks
+
+        def frozen_prefix(self) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+            """The prefix's hidden state after the frozen blocks (1, P, H) and those blocks' keys and values; computed once."""
+            if self.frozen is None or self.frozen[0].device != self.prefix.device:
+                cache = DynamicCache(config=self.model.config)
+                with torch.no_grad():
+                    hidden = self.halves[0](input_ids=self.prefix[None], use_cache=True,
+                                            **{self.cache_arg: cache}).last_hidden_state
+                n = len(self.halves[0].layers)
+                self.frozen = hidden, [(cache.layers[i].keys, cache.layers[i].values) for i in range(n)]
+            return self.frozen
+
+        def prefix_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
+            """A cache whose layer i holds kv[i], (1, kv_heads, P, head_dim) broadcast to `batch` rows without a copy."""
+            cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(kv):
+                cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+            return cache
+
+        def below(self, x: torch.Tensor, length: torch.Tensor, frozen: list) -> torch.Tensor:
+            """Each example's own tokens after the frozen blocks (B, max(length) - P, H), zeros past its length.
+
+            An example drawn again (batches are drawn with replacement) is not run again: its
+            hidden states are kept, keyed by its tokens.
+            """
+            P = self.prefix.numel()
+            keys = [x[b, P:n].cpu().numpy().tobytes() for b, n in enumerate(length.tolist())]
+            new = [b for b, key in enumerate(keys) if key not in self.seen]
+            if new:
+                rows, end = torch.tensor(new, device=x.device), int(length[new].max())
+                cache = self.prefix_cache(frozen, len(new))
+                position = torch.arange(end, device=x.device)
+                with torch.no_grad():
+                    hidden = self.halves[0](input_ids=x[rows, P:end], attention_mask=(position < length[rows, None]).long(),
+                                            position_ids=position[P:].expand(len(new), -1), use_cache=True,
+                                            **{self.cache_arg: cache}).last_hidden_state
+                for j, b in enumerate(new):
+                    self.seen[keys[b]] = hidden[j, :length[b] - P].clone()
+            out = x.new_zeros((len(keys), int(length.max()) - P, self.model.config.hidden_size), dtype=self.frozen[0].dtype)
+            for b, key in enumerate(keys):
+                out[b, :len(self.seen[key])] = self.seen[key]
+            return out
 
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[None, torch.Tensor]:
             P, (B, T) = self.prefix.numel(), x.shape
@@ -146,15 +216,16 @@ def _shared_prefix_class() -> type:
             position = torch.arange(T, device=x.device)
             length = torch.where(targets, position, -1).amax(1) + 1  # (B,) tokens up to the last target
             end = int(length.max())
-            body, config = self.model.model, self.model.config
-            prefix_cache = DynamicCache(config=config)
-            body(input_ids=self.prefix[None], use_cache=True, **{self.cache_arg: prefix_cache})
-            cache = DynamicCache(config=config)
-            for i, layer in enumerate(prefix_cache.layers):  # (1, kv_heads, P, head_dim) -> (B, ...), no copy
-                cache.update(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1), i)
-            hidden = body(input_ids=x[:, P:end], attention_mask=(position[:end] < length[:, None]).long(),
-                          position_ids=position[P:end].expand(B, -1), use_cache=True,
-                          **{self.cache_arg: cache}).last_hidden_state  # (B, end - P, H)
+            top = self.halves[1]
+            hidden, frozen = self.frozen_prefix()
+            top_cache = DynamicCache(config=self.model.config)
+            top(inputs_embeds=hidden, position_ids=position[None, :P], use_cache=True, **{self.cache_arg: top_cache})
+            prefix_kv = frozen + [(layer.keys, layer.values) for layer in top_cache.layers[len(frozen):]]
+
+            # every layer holds the prefix, the frozen ones too: the mask is sized by the cache's first layer
+            hidden = top(inputs_embeds=self.below(x, length, frozen), attention_mask=(position[:end] < length[:, None]).long(),
+                         position_ids=position[P:end].expand(B, -1), use_cache=True,
+                         **{self.cache_arg: self.prefix_cache(prefix_kv, B)}).last_hidden_state
             scored = targets[:, P:end]
             logits = self.model.lm_head(hidden[scored])  # (n_targets, V)
             return None, torch.nn.functional.cross_entropy(logits.float(), y[:, P:end][scored])
