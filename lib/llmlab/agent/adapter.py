@@ -174,6 +174,7 @@ def _shared_prefix_class() -> type:
                     hidden = self.halves[0](input_ids=self.prefix[None], use_cache=True,
                                             **{self.cache_arg: cache}).last_hidden_state
                 n = len(self.halves[0].layers)
+                self.seen.clear()  # kept on the device before
                 self.frozen = hidden, [(cache.layers[i].keys, cache.layers[i].values) for i in range(n)]
             return self.frozen
 
@@ -184,13 +185,13 @@ def _shared_prefix_class() -> type:
                 cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
             return cache
 
-        def below(self, x: torch.Tensor, length: torch.Tensor, frozen: list) -> torch.Tensor:
+        def below(self, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
             """Each example's own tokens after the frozen blocks (B, max(length) - P, H), zeros past its length.
 
             An example drawn again (batches are drawn with replacement) is not run again: its
             hidden states are kept, keyed by its tokens.
             """
-            P = self.prefix.numel()
+            P, (hidden, frozen) = self.prefix.numel(), self.frozen_prefix()
             keys = [x[b, P:n].cpu().numpy().tobytes() for b, n in enumerate(length.tolist())]
             new = [b for b, key in enumerate(keys) if key not in self.seen]
             if new:
@@ -203,7 +204,7 @@ def _shared_prefix_class() -> type:
                                             **{self.cache_arg: cache}).last_hidden_state
                 for j, b in enumerate(new):
                     self.seen[keys[b]] = hidden[j, :length[b] - P].clone()
-            out = x.new_zeros((len(keys), int(length.max()) - P, self.model.config.hidden_size), dtype=self.frozen[0].dtype)
+            out = x.new_zeros((len(keys), int(length.max()) - P, self.model.config.hidden_size), dtype=hidden.dtype)
             for b, key in enumerate(keys):
                 out[b, :len(self.seen[key])] = self.seen[key]
             return out
@@ -223,7 +224,7 @@ def _shared_prefix_class() -> type:
             prefix_kv = frozen + [(layer.keys, layer.values) for layer in top_cache.layers[len(frozen):]]
 
             # every layer holds the prefix, the frozen ones too: the mask is sized by the cache's first layer
-            hidden = top(inputs_embeds=self.below(x, length, frozen), attention_mask=(position[:end] < length[:, None]).long(),
+            hidden = top(inputs_embeds=self.below(x, length), attention_mask=(position[:end] < length[:, None]).long(),
                          position_ids=position[P:end].expand(B, -1), use_cache=True,
                          **{self.cache_arg: self.prefix_cache(prefix_kv, B)}).last_hidden_state
             scored = targets[:, P:end]
