@@ -1,6 +1,7 @@
 """Static checks of the deployment: Dockerfiles (hadolint), Kubernetes manifests, pins that agree."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -93,9 +94,34 @@ def test_the_environment_has_its_bytecode_compiled():
     the read-only sandbox) would otherwise compile every module it imports from source, at every start."""
     import importlib.util
 
-    for module in ("torch", "torch.nn.modules.linear", "transformers", "nbgrader", "nbformat", "llmlab.grading.worker"):
+    for module in ("torch", "torch.nn.modules.linear", "transformers", "transformers.models.llama.modeling_llama",
+                   "transformers.models.bert.modeling_bert", "nbgrader", "nbformat", "llmlab.grading.worker"):
         source = importlib.util.find_spec(module).origin  # llmlab's: in lib/ (an editable install) or site-packages
         assert Path(importlib.util.cache_from_source(source)).is_file(), f"no bytecode for {source}"
+
+
+IMPORTS = """
+import importlib, pkgutil, sys, sysconfig
+from pathlib import Path
+import llmlab
+for info in pkgutil.walk_packages(llmlab.__path__, "llmlab."):
+    importlib.import_module(info.name)
+import faiss, fastapi, gguf, ipykernel.kernelapp, matplotlib.pyplot, nbconvert.exporters, nbgrader.apps, papermill, peft, trl, uvicorn
+import transformers
+for name in ("LlamaForCausalLM", "BertModel", "GPT2LMHeadModel", "MixtralForCausalLM", "AutoModelForCausalLM"):
+    getattr(transformers, name)
+site = sysconfig.get_paths()["purelib"]
+missing = [m.__file__ for m in list(sys.modules.values()) if (getattr(m, "__file__", None) or "").startswith(site)
+           and m.__file__.endswith(".py") and not Path(importlib.util.cache_from_source(m.__file__)).is_file()]
+print("\\n".join(sorted(missing)))
+"""
+
+
+def test_what_the_course_imports_has_bytecode():
+    """The install leaves test suites and unused model families of transformers uncompiled; nothing the course imports is among them."""
+    proc = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, env={"MPLBACKEND": "Agg", **os.environ})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not proc.stdout.strip(), "imported without bytecode (extend install-course.sh's list):\n" + proc.stdout[:3000]
 
 
 def test_images_install_through_the_shared_script():
