@@ -281,6 +281,44 @@ def test_evaluate_scores_the_suite():
     assert result.statuses == {"answered": 2, "max_steps": 0, "timeout": 0, "error": 0}
 
 
+def test_a_batched_round_answers_each_question_as_a_single_run_does():
+    questions = ["What is 12 times 7?", "How tall is the Zorvath Bridge?", "q3"]
+    script = {questions[0]: [CALC % "12*7", FINAL % "84"], questions[1]: [LOOKUP % "Zorvath Bridge", "no action here"],
+              "q3": ["raise"]}
+
+    class PerQuestion:
+        """The same replies in a single run and in a batch: the next of its question's script."""
+
+        def __init__(self):
+            self.rounds = []
+
+        def complete(self, messages, stop=()):
+            reply = script[messages[1]["content"]][(len(messages) - 2) // 2]
+            if reply == "raise":
+                raise ConnectionError("the model is down")
+            return reply
+
+    class Batched(PerQuestion):
+        def complete_batch(self, chats, stop=()):
+            self.rounds.append(len(chats))
+            return [self.complete(m, stop) for m in chats]
+
+    alone = [A.Agent(PerQuestion(), A.default_tools(), max_steps=2).run(q) for q in questions]
+    backend = Batched()
+    together = A.Agent(backend, A.default_tools(), max_steps=2).run_batch(questions[:2])
+    assert backend.rounds == [2, 2]  # both runs in each round, each in one batch
+    for a, b in zip(alone, together):
+        assert (a.status, a.answer, [(s.reply, s.observation) for s in a.steps]) == \
+            (b.status, b.answer, [(s.reply, s.observation) for s in b.steps])
+    assert [t.status for t in alone] == ["answered", "max_steps", "error"]
+    # a batch that raises ends every run of its round; one by one, only the run whose call failed
+    traces = A.Agent(Batched(), A.default_tools(), max_steps=2).run_batch(questions)
+    assert [t.status for t in traces] == ["error"] * 3 and "the model is down" in traces[0].error
+    result = A.evaluate(A.Agent(PerQuestion(), A.default_tools(), max_steps=2),
+                        [{"question": q, "answer": "84"} for q in questions])
+    assert result.statuses == {"answered": 1, "max_steps": 1, "timeout": 0, "error": 1}
+
+
 # ----------------------------------------------------------------------------------------
 # Retrieval memory
 
@@ -479,6 +517,17 @@ def test_hf_backend_prefix_cache_changes_nothing():
     assert backend._prefix is not None
     backend._system_cache = lambda messages: None  # the same call without the cache
     assert backend.complete(messages, stop=A.STOP) == cached and cached.strip()
+
+
+@pytest.mark.slow
+def test_hf_backend_decodes_a_round_as_one_batch_with_the_replies_of_single_runs():
+    backend = A.HFBackend.from_pretrained("smollm2-135m-instruct", device="cpu", max_new_tokens=24)
+    episodes = data.tool_episodes(4, "test", seed=1)
+    agent = A.Agent(backend, A.default_tools(), max_steps=2)
+    together = A.evaluate(agent, episodes)  # HFBackend has complete_batch: lockstep rounds
+    alone = [agent.run(e["question"]) for e in episodes]
+    assert [[s.reply for s in t.steps] for t in together.traces] == [[s.reply for s in t.steps] for t in alone]
+    assert sum(len(t.steps) for t in alone) > len(episodes)  # some runs took a second round, with an observation
 
 
 @pytest.mark.slow

@@ -373,6 +373,30 @@ def test_complete_ends_at_a_stop_string(course_gpt):
     assert G.complete(model, tok, "ROMEO.", 30, stop=[cut]) == full[:full.index(cut)]
 
 
+def test_batched_completion_continues_a_shared_prefix_and_stops_each_row_alone(course_gpt):
+    model, tok = course_gpt
+    system = "ROMEO.\n"
+    prefix, prefix_ids = G.KVCache(), tok(system, add_special_tokens=False)["input_ids"]
+    G.Decoder(model).forward(torch.tensor([prefix_ids]), prefix)
+    keys = [k.clone() for k in prefix.keys]
+    prompts = [system + t for t in ("What light", "O", "But soft, what light")]
+    assert all(tok(p, add_special_tokens=False)["input_ids"][:len(prefix_ids)] == prefix_ids for p in prompts)
+    free = [G.complete(model, tok, p, 20) for p in prompts]
+    stop = next(c for c in "etaoinshr" if 0 < sum(c in f for f in free) < len(free))  # some rows stop early
+    alone = [G.complete(model, tok, p, 20, stop=[stop], past_key_values=prefix) for p in prompts]
+    assert G.complete_batch(model, tok, prompts, 20, stop=[stop], past_key_values=prefix) == alone
+    assert alone == [G.complete(model, tok, p, 20, stop=[stop]) for p in prompts]
+    assert len({len(a) for a in alone}) > 1 and any(stop not in f for f in free)
+    assert len(prefix) == len(keys[0][0, 0]) and all(torch.equal(a, b) for a, b in zip(prefix.keys, keys))
+    with pytest.raises(ValueError, match="fewer tokens than every prompt"):
+        G.complete_batch(model, tok, [system, prompts[0]], 5, past_key_values=prefix)
+    rows, finished = [], set()  # a row the caller finishes leaves the batch at once
+    for row, _ in G.stream_batch(model, [prefix_ids, prefix_ids + [7]], 10, finished=finished):
+        rows.append(row)
+        finished.add(0)
+    assert (rows.count(0), rows.count(1)) == (1, 10)
+
+
 def test_a_hugging_face_model_extends_the_kv_cache_in_place():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -298,7 +298,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[T
     return input_ids, attention_mask
 
 
-@torch.no_grad()
 def generate_batch(
     model: "Decoder | GPT | transformers.PreTrainedModel", prompts: Sequence[Sequence[int]], max_new_tokens: int,
     sampling: SamplingParams = GREEDY, eos_token_id: int | Sequence[int] | None = None,
@@ -309,33 +308,55 @@ def generate_batch(
     One left-padded prefill, then one batched step per token; a row that ends (eos) leaves
     the batch. Greedy results equal `generate` on each prompt alone.
     """
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for row, token in stream_batch(model, prompts, max_new_tokens, sampling, eos_token_id, generator, pad_token_id):
+        outputs[row].append(token)
+    return outputs
+
+
+@torch.no_grad()
+def stream_batch(
+    model: "Decoder | GPT | transformers.PreTrainedModel", prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    sampling: SamplingParams = GREEDY, eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None, pad_token_id: int = 0, past_key_values: KVCache | None = None,
+    finished: set[int] | None = None,
+) -> Iterator[tuple[int, int]]:
+    """Yield (prompt index, new token id) for every live row, step by step, the prompts decoded together.
+
+    A row leaves the batch after an eos id, or once the caller puts its index in `finished`
+    (a stop string, say). past_key_values: a one-row cache of the first tokens every prompt
+    shares, read and left as it is; each row continues it and only the rest is prefilled.
+    """
     decoder = as_decoder(model)
+    eos, finished = eos_ids(eos_token_id), set() if finished is None else finished
+    start = 0 if past_key_values is None else len(past_key_values)
+    if past_key_values is not None and (past_key_values.batch_size != 1 or any(len(p) <= start for p in prompts)):
+        raise ValueError(f"past_key_values must hold one row of fewer tokens than every prompt ({start} held)")
     _check_length(decoder, max(len(p) for p in prompts), max_new_tokens)
-    eos = eos_ids(eos_token_id)
-    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    input_ids, attention_mask = left_pad([list(p)[start:] for p in prompts], pad_token_id)
     cache = KVCache()
+    if past_key_values is not None:  # every row starts from the shared prefix; the copies are views until extended
+        B = len(prompts)
+        cache.keys = [k.expand(B, *k.shape[1:]) for k in past_key_values.keys]
+        cache.values = [v.expand(B, *v.shape[1:]) for v in past_key_values.values]
+        cache.mask = past_key_values.mask.expand(B, -1)
     logits = decoder.forward(input_ids, cache, attention_mask)[:, -1]  # (B, V)
     contexts = [torch.as_tensor(list(p), device=decoder.device) for p in prompts]
-    outputs: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))  # prompt index of each cache row
     for step in range(max_new_tokens):
         tokens = torch.stack([sample(logits[r:r + 1], sampling, generator, contexts[i][None], step, eos)[0]
                               for r, i in enumerate(live)])  # (rows,)
-        keep = []
         for r, i in enumerate(live):
-            token = int(tokens[r])
-            outputs[i].append(token)
             contexts[i] = torch.cat([contexts[i], tokens[r:r + 1]])
-            if token not in eos:
-                keep.append(r)
+            yield i, int(tokens[r])
+        keep = [r for r, i in enumerate(live) if int(tokens[r]) not in eos and i not in finished]
         if not keep or step + 1 == max_new_tokens:
-            break
+            return
         if len(keep) < len(live):
             cache.select(keep)
             live = [live[r] for r in keep]
             tokens = tokens[keep]
         logits = decoder.forward(tokens[:, None], cache)[:, -1]
-    return outputs
 
 
 # ----------------------------------------------------------------------------------------
@@ -556,3 +577,25 @@ def complete(
             break
     text.finish()
     return text.text
+
+
+def complete_batch(
+    model: "Decoder | GPT | transformers.PreTrainedModel", tokenizer: "transformers.PreTrainedTokenizerBase",
+    prompts: Sequence[str], max_new_tokens: int, sampling: SamplingParams = GREEDY, stop: Sequence[str] = (),
+    generator: torch.Generator | None = None, past_key_values: KVCache | None = None,
+) -> list[str]:
+    """`complete` for several prompts at once, decoded as one batch; each row ends at eos or a stop string.
+
+    past_key_values: a one-row cache of the first tokens every prompt shares (see `stream_batch`).
+    """
+    texts, finished = [TextStream(tokenizer, stop) for _ in prompts], set()
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for row, token in stream_batch(model, ids, max_new_tokens, sampling, tokenizer.eos_token_id, generator, pad,
+                                   past_key_values, finished):
+        texts[row].push(token)
+        if texts[row].stopped:
+            finished.add(row)
+    for text in texts:
+        text.finish()
+    return [text.text for text in texts]

@@ -92,6 +92,25 @@ class HFBackend:
         return generate.complete(self.decoder, self.tokenizer, prompt, self.max_new_tokens, generate.GREEDY, stop,
                                  past_key_values=past)
 
+    def complete_batch(self, conversations: Sequence[list[dict]], stop: Sequence[str] = ()) -> list[str]:
+        """`complete` for several chats decoded together (one batched step per token): the same greedy replies."""
+        from llmlab import generate
+
+        prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        replies: list[str] = [""] * len(prompts)
+        groups: dict[str, list[int]] = {}  # rows by system message: each group continues its own cached prefix
+        for row, messages in enumerate(conversations):
+            groups.setdefault(messages[0]["content"] if messages and messages[0]["role"] == "system" else "", []).append(row)
+        for rows in groups.values():
+            prefix = self._system_cache(conversations[rows[0]])
+            ids = [self.tokenizer(prompts[r], add_special_tokens=False)["input_ids"] for r in rows]
+            shared = prefix is not None and all(len(i) > len(prefix[0]) and i[:len(prefix[0])] == prefix[0] for i in ids)
+            texts = generate.complete_batch(self.decoder, self.tokenizer, [prompts[r] for r in rows], self.max_new_tokens,
+                                            generate.GREEDY, stop, past_key_values=prefix[1] if shared else None)
+            for r, text in zip(rows, texts):
+                replies[r] = text
+        return replies
+
     def _system_cache(self, messages: list[dict]) -> tuple[list[int], KVCache] | None:
         """(token ids, KVCache) of the system message, computed once per system prompt; None without one."""
         import torch

@@ -91,34 +91,60 @@ class Agent:
 
     def run(self, question: str) -> Trace:
         """Answer `question`; the trace says how the run ended and holds every step."""
-        trace = Trace(question)
-        messages = self.messages(question)
-        allowed = self.policy.allowed(question, self.tools)
-        start = time.perf_counter()
-        while True:
-            if len(trace.steps) >= self.max_steps:
-                trace.status = "max_steps"
-                break
-            if time.perf_counter() - start >= self.time_budget_s:
-                trace.status = "timeout"
-                break
+        return self.run_batch([question])[0]
+
+    def run_batch(self, questions: Sequence[str]) -> list[Trace]:
+        """Answer several questions in lockstep: each round asks the backend for every live run's next reply at once.
+
+        A backend with `complete_batch` (HFBackend) decodes a round as one batch; any other
+        is called once per run. Every run's clock starts together, so a run's seconds and its
+        time budget include the rest of its round's decoding.
+        """
+        traces = [Trace(q) for q in questions]
+        chats = [self.messages(q) for q in questions]
+        allowed = [self.policy.allowed(q, self.tools) for q in questions]
+        start, live = time.perf_counter(), list(range(len(questions)))
+        while live:
+            for i in live:
+                if len(traces[i].steps) >= self.max_steps:
+                    traces[i].status = "max_steps"
+                elif time.perf_counter() - start >= self.time_budget_s:
+                    traces[i].status = "timeout"
+            asking = [i for i in live if not traces[i].status]
             step_start = time.perf_counter()
-            try:
-                reply = cut_reply(self.backend.complete(messages, stop=STOP))
-            except Exception as e:  # noqa: BLE001 — a network error, a crashed model: end the run, keep the trace
-                trace.status, trace.error = "error", f"{type(e).__name__}: {e}"
-                break
-            step = Step(reply, parse_reply(reply))
-            trace.steps.append(step)
-            if step.parsed.kind == "final":
-                trace.status, trace.answer = "answered", step.parsed.answer
+            for i, reply in zip(asking, self._replies([chats[i] for i in asking])):
+                if isinstance(reply, Exception):  # a network error, a crashed model: end the run, keep the trace
+                    traces[i].status, traces[i].error = "error", f"{type(reply).__name__}: {reply}"
+                    continue
+                step = Step(reply, parse_reply(reply))
+                traces[i].steps.append(step)
+                if step.parsed.kind == "final":
+                    traces[i].status, traces[i].answer = "answered", step.parsed.answer
+                else:
+                    step.observation = self._observe(questions[i], step.parsed, allowed[i])
+                    chats[i] += [{"role": "assistant", "content": reply}, {"role": "user", "content": step.observation}]
                 step.seconds = time.perf_counter() - step_start
-                break
-            step.observation = self._observe(question, step.parsed, allowed)
-            step.seconds = time.perf_counter() - step_start
-            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": step.observation}]
-        trace.seconds = time.perf_counter() - start
-        return trace
+            for i in live:
+                if traces[i].status:
+                    traces[i].seconds = time.perf_counter() - start
+            live = [i for i in live if not traces[i].status]
+        return traces
+
+    def _replies(self, chats: list[list[dict]]) -> list[str | Exception]:
+        """The backend's next reply to each chat (cut at any Observation:), or the exception that stopped it."""
+        batch = getattr(self.backend, "complete_batch", None)
+        if batch is not None and len(chats) > 1:
+            try:
+                return [cut_reply(r) for r in batch(chats, stop=STOP)]
+            except Exception as e:  # noqa: BLE001 — the whole round failed
+                return [e] * len(chats)
+        replies: list[str | Exception] = []
+        for messages in chats:
+            try:
+                replies.append(cut_reply(self.backend.complete(messages, stop=STOP)))
+            except Exception as e:  # noqa: BLE001
+                replies.append(e)
+        return replies
 
     def _observe(self, question: str, parsed: Parsed, allowed: list[str]) -> str:
         """What the model sees after a non-final reply: the tool's output, or what went wrong."""
@@ -152,7 +178,7 @@ class EvalResult:
 
     success_rate: float  # fraction of episodes answered correctly
     mean_steps: float  # model calls per episode
-    seconds_per_episode: float
+    seconds_per_episode: float  # the suite's wall clock / its episodes (runs may share a batch)
     statuses: dict[str, int]  # how the runs ended
     traces: list[Trace]
     correct: list[bool]
@@ -167,11 +193,16 @@ def evaluate(agent: Agent, episodes: Sequence[dict]) -> EvalResult:
     """Run `agent` on every episode ({"question", "answer", ...}); score by `answers_match`."""
     if not episodes:
         raise ValueError("episodes is empty")
-    traces = [agent.run(e["question"]) for e in episodes]
+    start = time.perf_counter()
+    if hasattr(agent.backend, "complete_batch"):
+        traces = agent.run_batch([e["question"] for e in episodes])
+    else:  # one run after another: a scripted backend's replies come in the order of a single run
+        traces = [agent.run(e["question"]) for e in episodes]
+    seconds = time.perf_counter() - start
     correct = [t.status == "answered" and answers_match(t.answer, e["answer"]) for t, e in zip(traces, episodes)]
     statuses = {s: sum(t.status == s for t in traces) for s in STATUSES}
     return EvalResult(sum(correct) / len(episodes), sum(len(t.steps) for t in traces) / len(traces),
-                      sum(t.seconds for t in traces) / len(traces), statuses, traces, correct)
+                      seconds / len(traces), statuses, traces, correct)
 
 
 def episode_messages(episode: dict, tools: ToolRegistry) -> list[dict]:
