@@ -10,22 +10,23 @@ import torch
 import torch.nn as nn
 
 from llmlab import assets, quant, serve
-from llmlab.serve_quant import INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
+from llmlab.serve_quant import INT4_GROUP, MANY_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
 
 
+@pytest.mark.parametrize("rows", [7, MANY_ROWS])  # a decode step's few rows, and a prefill's many
 @pytest.mark.parametrize("cls,bits,group_size,symmetric", [(Int8WeightOnlyLinear, 8, None, True),
                                                            (Int4WeightOnlyLinear, 4, INT4_GROUP, False)])
-def test_packed_layers_compute_lab_4s_dequantized_weights(cls, bits, group_size, symmetric):
+def test_packed_layers_compute_lab_4s_dequantized_weights(cls, bits, group_size, symmetric, rows):
     torch.manual_seed(0)
     linear = nn.Linear(192, 96)
     linear.weight.data[3, 5] = 1.5  # an outlier row
     layer = cls(linear)
     reference = quant.QuantLinear(linear, bits, group_size, symmetric)  # lab 4: dequantize, then a float matmul
-    x = torch.randn(2, 7, 192)
+    x = torch.randn(2, rows, 192)
     with torch.no_grad():
         want, got = reference(x), layer(x)
         exact = nn.functional.linear(x, linear.weight, linear.bias)
-    assert got.shape == want.shape == (2, 7, 96) and got.dtype == torch.float32
+    assert got.shape == want.shape == (2, rows, 96) and got.dtype == torch.float32
     # bfloat16 activations: 8 bits of mantissa, so ~0.4% of the output's scale
     assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (got - want).abs().max()
     assert (got - exact).abs().max() < (0.05 if bits == 8 else 0.3) * exact.abs().max()

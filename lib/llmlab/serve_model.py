@@ -97,7 +97,7 @@ class LlamaDecoder(Decoder):
         self.norm = model.model.norm.weight
         self.lm_head = model.lm_head
         self.layers = [_Layer(layer) for layer in model.model.layers]
-        self.split = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        self.split = [(self.n_heads + self.n_kv_heads) * self.head_dim, self.n_kv_heads * self.head_dim]  # [q k], v
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None = None) -> Tensor:
@@ -169,9 +169,9 @@ class LlamaDecoder(Decoder):
     def _attend(self, i: int, qkv: Tensor, segment: tuple) -> Tensor:
         """Layer i's attention for one part: its q/k/v rows (B T, ...) -> outputs (B T, H d); k, v join its cache."""
         B, T, cache, mask, causal, cos, sin = segment
-        q, k, v = qkv.view(B, T, -1).split(self.split, dim=-1)
-        q = _rotate(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, H, T, d)
-        k = _rotate(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, T, d)
+        qk, v = qkv.view(B, T, -1).split(self.split, dim=-1)
+        qk = _rotate(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)  # (B, H, T, d), (B, Hkv, T, d): one RoPE for both
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         k, v = cache.update(i, k, v)  # (B, Hkv, L, d): past and new
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,

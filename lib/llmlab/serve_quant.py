@@ -22,6 +22,7 @@ the layers fall back to `quant.QuantLinear` (the same numbers, dequantized at ev
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -34,7 +35,20 @@ from llmlab import quant
 INT4_GROUP = 32  # inputs per int4 scale and zero
 KINDS = ("int8", "int4", "w8a8")  # w8a8: int8 weights and int8 activations (not weight-only)
 W8A8_BITS = 7  # w8a8's weight codes: -63..63, so that fbgemm's AVX2 kernel never saturates (see below)
+# From this many rows on (a prefill) the int8 codes are dequantized to bfloat16 for one GEMM where
+# the CPU has native bfloat16: `_weight_int8pack_mm`'s time grows with the rows, a GEMM's far less
+# (the README's serving section has the figures).
+MANY_ROWS = 16
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (measured best of 0.35-0.8 on SmolLM2-135M)
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """True when oneDNN multiplies bfloat16 natively on this CPU (AVX-512 or AMX), where a bf16 GEMM is fast."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -88,6 +102,8 @@ class Int8WeightOnlyLinear(nn.Module):
             x2 = x2.float()
             amax = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
             y = torch.ops.quantized.linear_dynamic(x2 / amax, self.packed, False) * amax
+        elif x2.size(0) >= MANY_ROWS and native_bf16():  # a prefill: one bfloat16 GEMM on the dequantized weight
+            y = nn.functional.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16) * self.scale_bf16[:, None])
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale_bf16)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
