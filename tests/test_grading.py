@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,3 +87,41 @@ def test_parallel_workers_grade_at_once_with_the_same_results(small_batch, tmp_p
     assert samples.mismatches(results, expected) == []
     spans = sorted((r["started"], r["started"] + r["seconds"]) for r in after.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "with 2 workers, submissions overlap in time"
+
+
+def test_a_gradebook_locked_by_another_writer_is_waited_out(tmp_path):
+    """Another process holds the SQLite gradebook's write lock past SQLite's 5 s wait while a submission is
+    autograded: that try fails with "database is locked" (kept in its log), and the next one grades it."""
+    import sqlite3
+    import threading
+
+    subs, work = tmp_path / "subs", tmp_path / "work"
+    expected = samples.write(LAB, subs, names=[])  # the solution and the untouched copy
+    first = _grade(subs, work)  # the course's gradebook and release exist once the first result is written
+    assert first.wait(timeout=900) == 0, first.stderr.read()
+    private = work / "grading" / LAB / "solution"
+    for name in expected:
+        (work / "results" / LAB / f"{name}.json").unlink()
+    shutil.rmtree(private)
+    locked = threading.Event()
+
+    def hold_the_lock() -> None:  # from the moment grading reaches the first submission's autograde
+        deadline = time.time() + 600
+        while not any(private.glob("*.sandbox.json")) and time.time() < deadline:
+            time.sleep(0.05)
+        db = sqlite3.connect(work / "gradebook.db", timeout=60, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(8)
+        db.execute("ROLLBACK")
+        db.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    second = _grade(subs, work)
+    out, err = second.communicate(timeout=900)
+    holder.join()
+    assert locked.is_set() and second.returncode == 0, out + err
+    results = [pipeline.Result(**r) for r in _results(work).values()]
+    assert samples.mismatches(results, expected) == [] and all(r.error is None for r in results)
+    assert pipeline.LOCKED in (private / "autograde.log").read_text(), "the locked try's log is kept"

@@ -38,6 +38,7 @@ from llmlab.grading import feedback, libview, sanitize, similarity
 from llmlab.grading.hidden import MarkTests
 from llmlab.i18n import _
 
+LOCKED = "database is locked"  # SQLite's answer to a write while another process writes the gradebook
 BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\*?\[\]]")  # control characters, paths and nbgrader's glob characters
 
 
@@ -246,8 +247,11 @@ def grade_one(lab: str, student: str, files: dict[str, Path], submissions: Path,
         nbformat.write(trusted, submitted / name)
         specs[name] = spec
     outcome = api.autograde(lab, student, force=True, create=True)
-    if not outcome["success"]:
-        result.error = "autograde failed: " + _last_line(outcome.get("error") or outcome.get("log") or "")
+    if not outcome["success"]:  # nbgrader's whole log is kept; the error names a busy gradebook, which is retried
+        text = "\n".join(filter(None, (outcome.get("log"), outcome.get("error"))))
+        _write_atomic(private / "autograde.log", text)
+        cause = LOCKED if LOCKED in text else _last_line(text)
+        result.error = f"autograde failed: {cause} (nbgrader's log: {(private / 'autograde.log').relative_to(work)})"
         result.seconds = time.perf_counter() - start
         return result
     autograded = work / "autograded" / student / lab
@@ -404,7 +408,7 @@ def _grade_in_child(lab: str, student: str, submissions: Path, threads: int, lim
         text = log.decode(errors="replace")
         if proc.returncode == 0 and done.is_file():
             return Result(**json.loads(done.read_text()))
-        if "database is locked" not in text:  # a busy SQLite gradebook is worth a retry; nothing else is
+        if LOCKED not in text:  # a busy SQLite gradebook is worth a retry; nothing else is
             break
         time.sleep(1 + attempt)
     return Result(student, error=f"grading crashed: {_last_line(text)}")
@@ -466,7 +470,7 @@ def _main() -> None:
     args = parser.parse_args()
     files = discover(args.lab, args.submissions)[0][args.student]
     result = grade_one(args.lab, args.student, files, args.submissions, args.threads)
-    if result.error and "database is locked" in result.error:
+    if result.error and LOCKED in result.error:
         print(result.error)
         sys.exit(1)
     _write_atomic(results_dir(args.lab) / f"{args.student}.json", json.dumps(asdict(result)))
