@@ -1,6 +1,8 @@
 """Weight-only quantized Linear layers for serving (`llmlab serve --quantize int8|int4`).
 
-Lab 4's formats, run by torch's packed kernels instead of a dequantize-then-matmul:
+Lab 4's formats, run by torch's packed kernels instead of a dequantize-then-matmul (except an
+int8 prefill where the CPU has native bfloat16: there one bfloat16 GEMM on the dequantized
+weight is faster than the packed kernel's pass per row, see `MANY_ROWS`):
 * int8: per-channel absmax codes (`quant.quantize_groups(w, 8, None)`), one scale per output
   row (lab 4's per-channel format: a group is the whole row), multiplied by
   `torch.ops.aten._weight_int8pack_mm`; `w8a8` packs 7-bit codes of the same format for
