@@ -18,6 +18,9 @@ Tables (greedy; end of sequence forbidden so that every run makes exactly the to
    (llama-cpp-python's server runs one request at a time, so its 8 clients queue:
    `--interrupt_requests False`). Needs the cached bench venv that `bench/llamacpp_venv.sh`
    builds once (10-30 minutes); without it the table says so.
+5. `llmlab serve` as users run it, in its own process (`--threads` as here), float32 against
+   `--quantize int8` and `int4`, one stream, in alternation: tables 1-4 run the server in this
+   process, where the benchmark's client threads share the server's interpreter lock.
 Every figure carries the 1-minute load average of the machine when it was taken: on a shared
 machine absolute figures move with the load; ratios taken in the same round are the fair ones.
 """
@@ -29,6 +32,7 @@ import os
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -161,14 +165,60 @@ def llamacpp(threads: int, name: str) -> subprocess.Popen | str:
     return "llama_cpp.server did not start within 60 s"
 
 
+def cli_server(name: str, threads: int, quantize: str | None) -> tuple[subprocess.Popen, str]:
+    """`llmlab serve` in a process of its own on a free port, answering: (the process, its URL)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "llmlab"), "serve", "--model", name, "--threads", str(threads),
+           "--port", str(port), *(["--quantize", quantize] if quantize else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"llmlab serve exited with {proc.returncode}: {' '.join(cmd)}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("llmlab serve did not answer within 120 s")
+
+
+def table_5(name: str, n: int, rounds: int, threads: int, no_eos: dict) -> None:
+    """`llmlab serve` in its own process: float32, int8 and int4 weights, one stream, alternating."""
+    kinds = (None, "int8", "int4")
+    print(f"== 5. `llmlab serve --threads {threads}` in its own process, 1 stream, {n} tokens, the three in "
+          f"alternation {rounds} times")
+    print(f"{'round':>5} " + " ".join(f"{k or 'float32':>14}" for k in kinds))
+    servers = []
+    try:
+        for kind in kinds:
+            servers.append(cli_server(name, threads, kind))
+            stream_one(servers[-1][1], name, PROMPTS[0], 4, no_eos)  # warm-up
+        for r in range(rounds):
+            rates = []
+            for _, url in servers:
+                one = stream_one(url, name, PROMPTS[0], n, no_eos)
+                rates.append(one["tokens"] / (one["times"][-1] - one["start"]))
+            print(f"{r + 1:>5} " + " ".join(f"{x:5.1f} t/s {x / rates[0]:4.2f}x" for x in rates) + f"  ({load()})")
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait()
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request in tables 1 and 2")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request in tables 1, 2, 4 and 5")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request in table 3")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of server and HF generate")
-    parser.add_argument("--tables", default="1234", help="which tables to print, e.g. 14")
+    parser.add_argument("--tables", default="12345", help="which tables to print, e.g. 14")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for the perplexity")
     args = parser.parse_args()
     threads = runtime.set_threads(args.threads)
@@ -188,6 +238,8 @@ def main() -> None:
         table_3(model, tokenizer, name, args.max_tokens, no_eos)
     if "4" in args.tables:
         table_4(model, tokenizer, name, n, args.rounds, threads, no_eos)
+    if "5" in args.tables:
+        table_5(name, n, args.rounds, threads, no_eos)
 
 
 def table_1(model, tokenizer, name: str, n: int, rounds: int, no_eos: dict) -> None:
