@@ -334,12 +334,7 @@ def stream_batch(
         raise ValueError(f"past_key_values must hold one row of fewer tokens than every prompt ({start} held)")
     _check_length(decoder, max(len(p) for p in prompts), max_new_tokens)
     input_ids, attention_mask = left_pad([list(p)[start:] for p in prompts], pad_token_id)
-    cache = KVCache()
-    if past_key_values is not None:  # every row starts from the shared prefix; the copies are views until extended
-        B = len(prompts)
-        cache.keys = [k.expand(B, *k.shape[1:]) for k in past_key_values.keys]
-        cache.values = [v.expand(B, *v.shape[1:]) for v in past_key_values.values]
-        cache.mask = past_key_values.mask.expand(B, -1)
+    cache = KVCache() if past_key_values is None else past_key_values.expand(len(prompts))  # each row from the prefix
     logits = decoder.forward(input_ids, cache, attention_mask)[:, -1]  # (B, V)
     contexts = [torch.as_tensor(list(p), device=decoder.device) for p in prompts]
     live = list(range(len(prompts)))  # prompt index of each cache row

@@ -52,6 +52,16 @@ class KVCache:
         out.keys, out.values, out.mask = list(self.keys), list(self.values), self.mask
         return out  # without buffers: the copy's appends allocate its own
 
+    def expand(self, batch: int) -> "KVCache":
+        """A cache of `batch` rows, each this one-row cache: views of its tensors until extended."""
+        if self.batch_size != 1:
+            raise ValueError(f"only a one-row cache expands, this one has {self.batch_size} rows")
+        out = KVCache()
+        out.keys = [k.expand(batch, *k.shape[1:]) for k in self.keys]
+        out.values = [v.expand(batch, *v.shape[1:]) for v in self.values]
+        out.mask = self.mask.expand(batch, -1)
+        return out
+
     @property
     def batch_size(self) -> int:
         """Number of rows (sequences)."""

@@ -81,19 +81,14 @@ class HFBackend:
 
     def complete(self, messages: list[dict], stop: Sequence[str] = ()) -> str:
         """Greedy continuation of the chat, at most max_new_tokens, cut before the first stop string."""
-        from llmlab import generate
-
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prefix = self._system_cache(messages)
-        past = None
-        if prefix is not None and len(ids) > len(prefix[0]) and ids[:len(prefix[0])] == prefix[0]:
-            past = prefix[1]  # read, never changed: generation extends a copy
-        return generate.complete(self.decoder, self.tokenizer, prompt, self.max_new_tokens, generate.GREEDY, stop,
-                                 past_key_values=past)
+        return self.complete_batch([messages], stop)[0]
 
     def complete_batch(self, conversations: Sequence[list[dict]], stop: Sequence[str] = ()) -> list[str]:
-        """`complete` for several chats decoded together (one batched step per token): the same greedy replies."""
+        """Greedy continuations of several chats, decoded together (one batched step per token), each as `complete`.
+
+        Chats that start with the cached system message continue its keys and values (read,
+        never changed: generation extends views of them).
+        """
         from llmlab import generate
 
         prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
